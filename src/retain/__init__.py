@@ -1,0 +1,3 @@
+"""retain: continual instruction tuning of language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,30 @@
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from retain.testing import tiny_model, tiny_tokenizer  # noqa: E402
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+@pytest.fixture
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def model(tokenizer):
+    return tiny_model(tokenizer)
+
+
+@pytest.fixture
+def shared_data():
+    """Path to ../shared/data (real public data, read in place); skips when the folder is absent."""
+    path = os.path.abspath(SHARED_DATA)
+    if not os.path.isdir(path):
+        pytest.skip(f"real data folder {path} is absent (it lives beside the repository, never in it)")
+    return path
