@@ -1,0 +1,192 @@
+"""The `retain` command: run, train, eval, metrics, methods.
+
+User mistakes (bad config, data or paths) print one `error:` line on stderr and exit with code 2, with
+no traceback and without touching an existing run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import warnings
+
+from retain import __version__
+from retain.errors import RetainError
+
+EXIT_USER_ERROR = 2
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _setup_logging(verbose: bool) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("retain").setLevel(logging.INFO)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+def _load(args: argparse.Namespace):
+    from retain.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def print_plan(plan) -> None:
+    """The --dry-run output: tasks, method, sizes, output paths."""
+    from rich.table import Table
+
+    from retain.methods.registry import build_method_config
+
+    config = plan.config
+    console = _console()
+    console.print(f"[bold]model[/bold] {config.model.name_or_path} ({config.model.finetuning_type}"
+                  + (f", rank {config.model.lora_rank}, targets {config.model.lora_target})" if
+                     config.model.finetuning_type == "lora" else ")"))
+    settings = build_method_config(plan.method.name, config.method.params)
+    console.print(f"[bold]method[/bold] {plan.method.name} {settings if settings is not None else ''}")
+    table = Table(title="task stream")
+    for column in ("#", "task", "train", "test", "scorer", "steps"):
+        table.add_column(column)
+    batch = config.train.per_device_train_batch_size * config.train.gradient_accumulation_steps
+    for i, unit in enumerate(plan.train_units, 1):
+        steps = config.train.max_steps if config.train.max_steps > 0 else math.ceil(
+            len(unit.train) / batch * config.train.num_train_epochs
+        )
+        tests = plan.tasks if plan.joint else [unit]
+        table.add_row(str(i), unit.name, str(len(unit.train)), str(sum(len(t.test) for t in tests)),
+                      ", ".join(sorted({t.scorer for t in tests})), str(steps))
+    console.print(table)
+    out = os.path.abspath(config.output_dir)
+    console.print(f"[bold]output[/bold] {out}/ (config.yaml, state.json, tasks/<k>-<task>/, eval/<k>/<task>.jsonl, "
+                  "results.json, report.md, accuracy_matrix.png)")
+    console.print("dry run: nothing was trained")
+
+
+def cmd_run(args: argparse.Namespace, train: bool = True, evaluate: bool = True) -> int:
+    from retain.training.loop import make_plan, run_experiment
+
+    config = _load(args)
+    if getattr(args, "dry_run", False):
+        print_plan(make_plan(config))
+        return 0
+    results = run_experiment(config, train=train, evaluate=evaluate)
+    if results is not None and int(os.environ.get("RANK", "0")) == 0:
+        from retain.evaluation.report import print_report
+
+        print_report(results, _console())
+        _console().print(f"run directory: {os.path.abspath(config.output_dir)}")
+    elif results is None:
+        _console().print(f"trained; checkpoints in {os.path.abspath(config.output_dir)}/tasks "
+                         f"(evaluate with: retain eval {config.output_dir})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from retain.config import config_from_dict, read_yaml
+    from retain.evaluation.report import print_report
+    from retain.training.loop import run_experiment
+
+    config_file = os.path.join(args.run_dir, "config.yaml")
+    if not os.path.isfile(config_file):
+        raise RetainError(f"{args.run_dir} is not a retain run directory (no config.yaml)")
+    config = config_from_dict(read_yaml(config_file), source=config_file, overrides=args.overrides)
+    config.output_dir = args.run_dir
+    results = run_experiment(config, train=False, evaluate=True)
+    if results is not None and int(os.environ.get("RANK", "0")) == 0:
+        print_report(results, _console())
+    return 0
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from retain.evaluation.metrics import compute_metrics
+    from retain.evaluation.report import load_matrix_file, print_report
+
+    data = load_matrix_file(args.file)
+    metrics = compute_metrics(data["matrix"], joint=bool(data.get("joint", False)))
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print_report({**data, "metrics": metrics, "method": data.get("method", "?")}, _console())
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from retain.methods.registry import available, describe
+
+    table = Table(title="continual-learning methods")
+    table.add_column("method", style="bold")
+    table.add_column("summary")
+    table.add_column("hyper-parameters (default)")
+    for name, cls in available().items():
+        params = "\n".join(f"{p}={d!r}  {h}" for p, d, h in describe(cls)) or "-"
+        table.add_row(name, cls.summary, params)
+    _console().print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="retain", description="Continual instruction tuning of language models.")
+    parser.add_argument("--version", action="version", version=f"retain {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", help="YAML config file (see examples/)")
+        p.add_argument("overrides", nargs="*", help="dotted overrides: method.name=replay train.learning_rate=1e-4")
+
+    run = sub.add_parser("run", help="train each task, evaluate after each, report the metrics")
+    with_config(run)
+    run.add_argument("--dry-run", action="store_true", help="print the plan; train nothing")
+    run.set_defaults(func=cmd_run)
+
+    train = sub.add_parser("train", help="train each task and save its checkpoint; no evaluation")
+    with_config(train)
+    train.add_argument("--dry-run", action="store_true", help="print the plan; train nothing")
+    train.set_defaults(func=lambda a: cmd_run(a, train=True, evaluate=False))
+
+    ev = sub.add_parser("eval", help="evaluate a run directory's saved per-task checkpoints")
+    ev.add_argument("run_dir")
+    ev.add_argument("overrides", nargs="*", help="e.g. eval.batch_size=16")
+    ev.set_defaults(func=cmd_eval)
+
+    metrics = sub.add_parser("metrics", help="CL metrics from results.json or any JSON holding \"matrix\"")
+    metrics.add_argument("file")
+    metrics.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    metrics.set_defaults(func=cmd_metrics)
+
+    methods = sub.add_parser("methods", help="list the methods and their hyper-parameters")
+    methods.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except RetainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume after the last completed task", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""The run's configuration: one tree of typed dataclasses, read from YAML, validated with clear errors.
+
+The same tree is the YAML schema, the target of `key=value` overrides on the command line and the
+source of the docs. LLaMA-Factory's names for settings are accepted where it has one
+(`model_name_or_path`, `lora_rank`, `cutoff_len`, `learning_rate`, ...), at the top level or in
+their section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from retain.errors import RetainError, did_you_mean
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = field(
+        default="smollm2-135m",
+        metadata={"help": "built-in name (smollm2-135m, tiny-random) or a local Hugging Face model directory"},
+    )
+    finetuning_type: str = field(default="lora", metadata={"help": "lora or full"})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling alpha"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    lora_target: str = field(
+        default="all-linear",
+        metadata={"help": "modules that get LoRA: all-linear or comma-separated names (q_proj,v_proj)"},
+    )
+    template: str = field(
+        default="auto",
+        metadata={"help": "chat template: auto uses the model's own; LLaMA-Factory names are accepted"},
+    )
+
+
+@dataclass
+class TaskConfig:
+    name: str = field(default="", metadata={"help": "task name used in reports"})
+    train: str = field(default="", metadata={"help": "dataset_info name, file path, or synthetic:<name>"})
+    test: str = field(default="", metadata={"help": "test dataset (defaults to the train spec's test split)"})
+    scorer: str = field(default="", metadata={"help": "exact, normalized, contains, choice, rouge_l"})
+    train_size: int | None = field(default=None, metadata={"help": "use the first N training examples"})
+    test_size: int | None = field(default=None, metadata={"help": "use the first N test examples"})
+
+
+@dataclass
+class StreamConfig:
+    dataset_dir: str = field(default="", metadata={"help": "folder holding dataset_info.json"})
+    train_size: int | None = field(default=None, metadata={"help": "default training examples per task"})
+    test_size: int | None = field(default=None, metadata={"help": "default test examples per task"})
+    tasks: list[TaskConfig] = field(default_factory=list)
+
+
+@dataclass
+class MethodConfig:
+    name: str = field(default="sequential", metadata={"help": "continual-learning method (retain methods)"})
+    params: dict[str, Any] = field(default_factory=dict, metadata={"help": "the method's own settings"})
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = 2e-4
+    num_train_epochs: float = 1.0
+    max_steps: int = field(default=-1, metadata={"help": "optimizer steps per task; overrides epochs when > 0"})
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    cutoff_len: int = field(default=256, metadata={"help": "maximum tokens per training example"})
+    lr_scheduler_type: str = "constant"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    bf16: str = field(default="auto", metadata={"help": "auto (on where the CPU/GPU supports it), true, false"})
+    logging_steps: int = 10
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = 32
+    batch_size: int = 32
+    before_training: bool = field(default=True, metadata={"help": "evaluate the untrained model (row 0, FWT)"})
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "runs/run"
+    seed: int = 42
+
+
+# LLaMA-Factory's flat names -> where they live here.
+FLAT_ALIASES: dict[str, str] = {
+    "model_name_or_path": "model.name_or_path",
+    "finetuning_type": "model.finetuning_type",
+    "lora_rank": "model.lora_rank",
+    "lora_alpha": "model.lora_alpha",
+    "lora_dropout": "model.lora_dropout",
+    "lora_target": "model.lora_target",
+    "template": "model.template",
+    "cutoff_len": "train.cutoff_len",
+    "per_device_train_batch_size": "train.per_device_train_batch_size",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "learning_rate": "train.learning_rate",
+    "num_train_epochs": "train.num_train_epochs",
+    "max_steps": "train.max_steps",
+    "lr_scheduler_type": "train.lr_scheduler_type",
+    "warmup_ratio": "train.warmup_ratio",
+    "bf16": "train.bf16",
+    "dataset_dir": "stream.dataset_dir",
+    "tasks": "stream.tasks",
+    "max_new_tokens": "eval.max_new_tokens",
+}
+SECTION_ALIASES = {"model": {"model_name_or_path": "name_or_path"}}
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check and convert a YAML value to the field's annotated type."""
+    hint = annotation
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        hint = args[0]
+        origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise RetainError(f"config: {where} must be a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RetainError(f"config: {where} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise RetainError(f"config: {where} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RetainError(f"config: {where} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RetainError(f"config: {where} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise RetainError(f"config: {where} must be a string, got {value!r}")
+        if isinstance(value, bool):
+            return str(value).lower()
+        return str(value)
+    return value
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if cls is TaskConfig and isinstance(data, str):
+        data = {"train": data}  # `- synthetic:parity` is shorthand for `- {train: synthetic:parity}`
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RetainError(f"config: {where or 'the file'} must be a mapping of settings, got {data!r}")
+    names = _field_names(cls)
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        key = SECTION_ALIASES.get(where, {}).get(key, key)
+        if key not in names:
+            prefix = f"{where}." if where else ""
+            raise RetainError(
+                f"config: unknown key '{prefix}{key}'{did_you_mean(key, names)}; "
+                f"known keys{' in ' + where if where else ''}: {', '.join(names)}"
+            )
+        sub = f"{where}.{key}" if where else key
+        kwargs[key] = _coerce(value, hints[key], sub)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise RetainError(f"override {dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _normalise_tree(raw: dict, source: str) -> dict:
+    """Move LLaMA-Factory flat names into their sections and method settings into method.params."""
+    tree: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in FLAT_ALIASES:
+            _set_dotted(tree, FLAT_ALIASES[key], value)
+        elif isinstance(value, dict) and isinstance(tree.get(key), dict):
+            tree[key].update(value)
+        else:
+            tree[key] = value
+    method = tree.get("method")
+    if isinstance(method, str):
+        tree["method"] = {"name": method}
+    elif isinstance(method, dict):
+        params = dict(method.get("params") or {})
+        params.update({k: v for k, v in method.items() if k not in ("name", "params")})
+        tree["method"] = {"name": method.get("name", "sequential"), "params": params}
+    return tree
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn ['train.learning_rate=1e-4', 'method.name=replay'] into a nested dict (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise RetainError(f"override '{item}' is not key=value (example: train.learning_rate=1e-4)")
+        key, _, text = item.partition("=")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError as exc:
+            raise RetainError(f"override '{item}': value is not valid YAML ({exc})") from None
+        key = FLAT_ALIASES.get(key, key)
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str) -> dict:
+    """Read a YAML mapping; missing file or bad YAML -> RetainError naming the file and position."""
+    if not os.path.isfile(path):
+        raise RetainError(f"config file {path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RetainError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RetainError(f"{path}: the config must be a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def config_from_dict(raw: dict, source: str = "config", overrides: list[str] | None = None) -> RunConfig:
+    """Build and validate a RunConfig from a raw mapping plus dotted overrides."""
+    tree = _normalise_tree(raw, source)
+    if overrides:
+        tree = _merge(tree, _normalise_tree(parse_overrides(overrides), "overrides"))
+    config = _build(RunConfig, tree, "")
+    validate(config)
+    return config
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config file, apply `key=value` overrides and validate the result."""
+    config = config_from_dict(read_yaml(path), source=path, overrides=overrides)
+    base = os.path.dirname(os.path.abspath(path))
+    # Relative data paths in a config are relative to the config file, as users expect.
+    if config.stream.dataset_dir and not os.path.isabs(config.stream.dataset_dir):
+        candidate = os.path.join(base, config.stream.dataset_dir)
+        if os.path.isdir(candidate) and not os.path.isdir(config.stream.dataset_dir):
+            config.stream.dataset_dir = candidate
+    return config
+
+
+def _positive(value: float | None, where: str, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise RetainError(f"config: {where} must be a positive number, got {value!r}")
+
+
+def validate(config: RunConfig) -> None:
+    """Check the values that can be checked without loading data or models."""
+    if config.model.finetuning_type not in ("lora", "full"):
+        raise RetainError(
+            f"config: model.finetuning_type must be 'lora' or 'full', got '{config.model.finetuning_type}'"
+        )
+    _positive(config.model.lora_rank, "model.lora_rank", allow_none=False)
+    _positive(config.train.learning_rate, "train.learning_rate", allow_none=False)
+    _positive(config.train.per_device_train_batch_size, "train.per_device_train_batch_size", False)
+    _positive(config.train.gradient_accumulation_steps, "train.gradient_accumulation_steps", False)
+    _positive(config.train.cutoff_len, "train.cutoff_len", allow_none=False)
+    _positive(config.eval.max_new_tokens, "eval.max_new_tokens", allow_none=False)
+    _positive(config.eval.batch_size, "eval.batch_size", allow_none=False)
+    if config.train.max_steps <= 0:
+        _positive(config.train.num_train_epochs, "train.num_train_epochs", allow_none=False)
+    if str(config.train.bf16).lower() not in ("auto", "true", "false"):
+        raise RetainError(f"config: train.bf16 must be auto, true or false, got {config.train.bf16!r}")
+    _positive(config.stream.train_size, "stream.train_size")
+    _positive(config.stream.test_size, "stream.test_size")
+    if not config.stream.tasks:
+        raise RetainError("config: stream.tasks is empty; list at least one task (see examples/quickstart.yaml)")
+    seen = set()
+    for i, task in enumerate(config.stream.tasks):
+        where = f"stream.tasks[{i}]"
+        if not task.train:
+            raise RetainError(f"config: {where}.train is missing (a dataset name, file or synthetic:<name>)")
+        if not task.name:
+            task.name = task.train.split(":")[-1].split("/")[-1].rsplit(".", 1)[0]
+        if task.name in seen:
+            raise RetainError(f"config: {where}.name '{task.name}' is used twice; task names must be unique")
+        seen.add(task.name)
+        _positive(task.train_size, f"{where}.train_size")
+        _positive(task.test_size, f"{where}.test_size")
+        task.train_size = task.train_size or config.stream.train_size
+        task.test_size = task.test_size or config.stream.test_size
+
+
+def config_to_dict(config: RunConfig) -> dict:
+    """The resolved config as plain data (what config.yaml in the run directory holds)."""
+    return dataclasses.asdict(config)
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)

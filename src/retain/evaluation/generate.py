@@ -1,0 +1,138 @@
+"""Batched greedy generation for evaluation: left padding, KV cache, eos and stop strings.
+
+Prompts are token ids (already formatted with the chat template). They are sorted longest first so that
+each batch holds prompts of similar length and little compute goes to padding; the answers come back in
+the prompts' order. Greedy decoding with left padding and an attention mask gives the same answers as
+generating one prompt at a time, which the tests check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from retain.errors import RetainError
+from retain.evaluation.scoring import clean_prediction
+
+CHAT_END_TOKEN = "<|im_end|>"
+
+
+def _eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Token ids that end an answer: the tokenizer's eos, ChatML's end token, and the model's own eos."""
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    if CHAT_END_TOKEN in tokenizer.get_vocab():
+        ids.append(int(tokenizer.convert_tokens_to_ids(CHAT_END_TOKEN)))
+    # Chat models often end turns with a token other than the tokenizer's eos (Llama 3's <|eot_id|>).
+    generation_config = getattr(model, "generation_config", None)
+    model_eos = getattr(generation_config, "eos_token_id", None)
+    if model_eos is not None:
+        ids.extend(int(i) for i in (model_eos if isinstance(model_eos, list | tuple) else [model_eos]))
+    return list(dict.fromkeys(ids))
+
+
+def _device(model: Any) -> torch.device:
+    device = getattr(model, "device", None)
+    return device if isinstance(device, torch.device) else next(model.parameters()).device
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    stop_strings: Sequence[str] = (),
+    progress: bool = True,
+    desc: str = "generating",
+) -> list[str]:
+    """Greedy answers to tokenized prompts, in the prompts' order, cut at eos and at the stop strings.
+
+    Works with any model that has `.generate` (transformers models, PEFT-wrapped models). The model is
+    put in eval mode for the call and back in train mode afterwards if it was training.
+    """
+    if max_new_tokens < 1:
+        raise RetainError(f"generation: max_new_tokens is {max_new_tokens}; set it to 1 or more")
+    if batch_size < 1:
+        raise RetainError(f"generation: batch_size is {batch_size}; set it to 1 or more")
+    for index, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise RetainError(
+                f"generation: prompt {index} has no tokens; check the task's data and the cutoff length"
+            )
+    eos_ids = _eos_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0] if eos_ids else 0
+    device = _device(model)
+    # Longest first: batches of similar lengths waste little on padding, and a memory error shows at once.
+    order = sorted(range(len(prompts)), key=lambda k: len(prompts[k]), reverse=True)
+    answers: list[str] = [""] * len(prompts)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with (
+            torch.inference_mode(),
+            tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, leave=False) as bar,
+        ):
+            for start in range(0, len(order), batch_size):
+                batch = order[start : start + batch_size]
+                width = len(prompts[batch[0]])
+                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, k in enumerate(batch):
+                    # Left padding: every prompt ends at the last column, where generation continues.
+                    input_ids[row, width - len(prompts[k]) :] = torch.tensor(prompts[k], dtype=torch.long)
+                    attention_mask[row, width - len(prompts[k]) :] = 1
+                output = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    use_cache=True,
+                    eos_token_id=eos_ids or None,
+                    pad_token_id=pad_id,
+                )
+                for row, k in enumerate(batch):
+                    new_tokens = output[row, width:].tolist()
+                    # Cut at the first eos ourselves: after it come pad tokens, which need not be special.
+                    for position, token in enumerate(new_tokens):
+                        if token in eos_ids:
+                            new_tokens = new_tokens[:position]
+                            break
+                    text = tokenizer.decode(new_tokens, skip_special_tokens=True)
+                    answers[k] = clean_prediction(text, stop_strings)
+                bar.update(len(batch))
+    finally:
+        if was_training:
+            model.train()
+    return answers
+
+
+def generate_one_by_one(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    stop_strings: Sequence[str] = (),
+    progress: bool = True,
+    desc: str = "generating",
+) -> list[str]:
+    """`generate` one prompt at a time (no padding); the reference batched generation must match.
+
+    `batch_size` is accepted for a signature identical to `generate` and ignored.
+    """
+    return generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=1,
+        stop_strings=stop_strings,
+        progress=progress,
+        desc=desc,
+    )

@@ -1,0 +1,269 @@
+"""Results of a run: the versioned `results.json`, a terminal table, a markdown report and a heatmap.
+
+`results.json` schema, version 1 (`RESULTS_SCHEMA_VERSION`); other tools may rely on these keys:
+
+- `schema_version` (int): 1. Bumped when a key changes meaning or is removed; adding keys keeps it.
+- `tasks` (list[str]): the T task names, in stream order; column j of the matrix is `tasks[j]`.
+- `matrix` (list[list[float] | null]): the accuracy matrix R, T + 1 rows of T scores in [0, 1];
+  `matrix[i][j]` is the score on `tasks[j]` after training the i-th task, row 0 is the model before any
+  training, and a row not evaluated yet (a partial run) is null. For a joint run, 2 rows: before and
+  after training on all tasks at once.
+- `joint` (bool): true when `matrix` comes from joint (multitask) training, the upper bound.
+- `metrics` (dict[str, float | null]): `last`, `avg`, `bwt`, `fwt`, `forgetting`, `plasticity` as
+  defined in `retain.evaluation.metrics`, as fractions (not percentages); null where undefined (BWT with
+  one task, rows not evaluated yet, or anything but last/avg for a joint run).
+- `method` (str): the continual-learning method's registered name.
+- `timings` (dict): wall-clock seconds, e.g. `{"train": [..per task..], "eval": [...], "total": s}`;
+  free-form, written as given.
+- any keys of `extra` (e.g. `config`, `versions`, `seed`), at the top level, written as given.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from retain.errors import RetainError
+from retain.evaluation.metrics import METRIC_NAMES, compute_metrics, validate_matrix
+
+RESULTS_SCHEMA_VERSION = 1
+
+METRIC_LABELS = {
+    "last": "Last (final average accuracy)",
+    "avg": "Avg (average incremental accuracy)",
+    "bwt": "BWT (backward transfer)",
+    "fwt": "FWT (forward transfer)",
+    "forgetting": "Forgetting (max - last)",
+    "plasticity": "Plasticity (New.ACC)",
+}
+
+
+def build_results(
+    tasks: list[str],
+    matrix: list[list[float] | None],
+    method: str,
+    timings: dict,
+    extra: dict | None = None,
+    joint: bool = False,
+) -> dict:
+    """The `results.json` dict (schema in this module's docstring), with metrics computed from `matrix`."""
+    metrics = compute_metrics(matrix, joint=joint)
+    n_columns = validate_matrix(matrix, joint=joint)
+    if len(tasks) != n_columns and not (joint and all(row is None for row in matrix)):
+        raise RetainError(
+            f"results: {len(tasks)} task name(s) for a matrix with {n_columns} column(s); "
+            "give one name per task, in stream order"
+        )
+    results = {
+        "schema_version": RESULTS_SCHEMA_VERSION,
+        "tasks": list(tasks),
+        "matrix": [None if row is None else [float(v) for v in row] for row in matrix],
+        "joint": joint,
+        "metrics": metrics,
+        "method": method,
+        "timings": timings,
+    }
+    clash = sorted(set(results) & set(extra or {}))
+    if clash:
+        raise ValueError(f"extra keys {clash} would overwrite the results schema's own keys")
+    results.update(extra or {})
+    return results
+
+
+def _write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, fsync it, then rename it over `path`.
+
+    A reader (or a resumed run after a crash) sees the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    # os.open with mode 0o666 honours the umask, unlike tempfile's private 0o600 files.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # persist the rename itself; directories cannot be opened on Windows
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically: temporary file in the same directory, fsync, rename."""
+    _write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write `obj` as indented JSON to `path` atomically; NaN or infinity is an error (not valid JSON)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def _row_labels(results: dict) -> list[str]:
+    if results.get("joint"):
+        return ["before", "after joint training"]
+    return ["before"] + [f"after task {i}: {name}" for i, name in enumerate(results["tasks"], start=1)]
+
+
+def _percent(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}"
+
+
+def _signed_percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:+.1f}"
+
+
+def _metric_value(name: str, value: float | None) -> str:
+    # Transfers are differences: a sign makes a loss impossible to misread as a score.
+    return _signed_percent(value) if name in ("bwt", "fwt") else ("n/a" if value is None else _percent(value))
+
+
+def render_table(results: dict) -> Table:
+    """The accuracy matrix as a rich table: one row per evaluation, one column per task, in percent."""
+    table = Table(title=f"Accuracy (%) — {results.get('method', '?')}")
+    table.add_column("model", style="bold")
+    for name in results["tasks"]:
+        table.add_column(name, justify="right")
+    for label, row in zip(_row_labels(results), results["matrix"], strict=True):
+        cells = [_percent(None)] * len(results["tasks"]) if row is None else [_percent(v) for v in row]
+        table.add_row(label, *cells)
+    return table
+
+
+def render_metrics(results: dict) -> Table:
+    """The continual-learning metrics as a rich table, in percent (n/a where undefined)."""
+    table = Table(title="Metrics (%)")
+    table.add_column("metric", style="bold")
+    table.add_column("value", justify="right")
+    for name in METRIC_NAMES:
+        table.add_row(METRIC_LABELS[name], _metric_value(name, results["metrics"].get(name)))
+    return table
+
+
+def print_report(results: dict, console: Console | None = None) -> None:
+    """Print the matrix and metrics tables to `console` (a new stdout console by default)."""
+    console = console or Console()
+    console.print(render_table(results))
+    console.print(render_metrics(results))
+
+
+def plot_matrix(results: dict, path: str | os.PathLike) -> None:
+    """Write the accuracy matrix as an annotated PNG heatmap (rows: after which task; columns: tasks)."""
+    # The object-oriented Agg API draws without pyplot's global state and without a display; imported
+    # here so that commands which never plot do not pay for matplotlib.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    tasks = results["tasks"]
+    labels = _row_labels(results)
+    values = [[math.nan] * len(tasks) if row is None else list(row) for row in results["matrix"]]
+    figure = Figure(figsize=(1.6 + 1.1 * len(tasks), 1.0 + 0.55 * len(labels)), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    image = axes.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    axes.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+    axes.set_yticks(range(len(labels)), labels)
+    axes.set_xlabel("evaluated on task")
+    axes.set_ylabel("model")
+    axes.set_title(f"Accuracy matrix — {results.get('method', '?')}")
+    for i, row in enumerate(values):
+        for j, value in enumerate(row):
+            if not math.isnan(value):
+                # Dark text on the bright end of viridis, light text on the dark end.
+                axes.text(
+                    j,
+                    i,
+                    f"{100 * value:.1f}",
+                    ha="center",
+                    va="center",
+                    color="black" if value > 0.6 else "white",
+                    fontsize=9,
+                )
+    figure.colorbar(image, ax=axes, label="accuracy")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    _write_bytes_atomic(path, buffer.getvalue())
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def markdown_report(results: dict) -> str:
+    """The report as markdown: the accuracy matrix and the metrics, both in percent."""
+    tasks = results["tasks"]
+    lines = [f"# retain report: {results.get('method', '?')}", "", "## Accuracy (%)", ""]
+    lines.append("| model | " + " | ".join(_md_cell(t) for t in tasks) + " |")
+    lines.append("| --- |" + " ---: |" * len(tasks))
+    for label, row in zip(_row_labels(results), results["matrix"], strict=True):
+        cells = [_percent(None)] * len(tasks) if row is None else [_percent(v) for v in row]
+        lines.append(f"| {_md_cell(label)} | " + " | ".join(cells) + " |")
+    lines += ["", "## Metrics (%)", "", "| metric | value |", "| --- | ---: |"]
+    for name in METRIC_NAMES:
+        lines.append(f"| {METRIC_LABELS[name]} | {_metric_value(name, results['metrics'].get(name))} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: str | os.PathLike, results: dict) -> None:
+    """Write results.json, report.md and accuracy_matrix.png into `run_dir`, each atomically."""
+    run_dir = Path(run_dir)
+    write_json_atomic(run_dir / "results.json", results)
+    write_text_atomic(run_dir / "report.md", markdown_report(results))
+    plot_matrix(results, run_dir / "accuracy_matrix.png")
+
+
+def load_matrix_file(path: str | os.PathLike) -> dict:
+    """Read a results.json, or any JSON object with a "matrix" key; "tasks" defaults to task1..taskT.
+
+    The matrix is validated as in `retain.evaluation.metrics`; every problem is a RetainError naming
+    the file.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RetainError(f"{path}: no such file; give the path of a results.json or a JSON matrix") from None
+    except IsADirectoryError:
+        raise RetainError(f"{path}: is a directory; give the results.json file inside it") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise RetainError(f"{path}: cannot be read ({error})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise RetainError(
+            f"{path}, line {error.lineno}, column {error.colno}: invalid JSON ({error.msg}); fix the file"
+        ) from None
+    if not isinstance(data, dict) or "matrix" not in data:
+        raise RetainError(
+            f'{path}: no "matrix" key; expected a JSON object like '
+            '{"matrix": [[...before...], [...after task 1...], ...], "tasks": [...]}'
+        )
+    joint = bool(data.get("joint", False))
+    try:
+        n_tasks = validate_matrix(data["matrix"], joint=joint)
+    except RetainError as error:
+        raise RetainError(f"{path}: {error}") from None
+    tasks = data.get("tasks")
+    if tasks is None:
+        data["tasks"] = [f"task{j}" for j in range(1, n_tasks + 1)]
+    elif not isinstance(tasks, list) or len(tasks) != n_tasks:
+        raise RetainError(f'{path}: "tasks" must be a list of {n_tasks} name(s), one per matrix column')
+    else:
+        data["tasks"] = [str(t) for t in tasks]
+    return data

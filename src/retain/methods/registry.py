@@ -1,0 +1,76 @@
+"""The method registry: `@register("name")` makes a method available by name to configs and the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from retain.errors import RetainError, did_you_mean
+from retain.methods.base import ContinualMethod
+
+_METHODS: dict[str, type[ContinualMethod]] = {}
+
+
+def register(name: str, config: type | None = None) -> Callable[[type[ContinualMethod]], type[ContinualMethod]]:
+    """Class decorator: register a ContinualMethod subclass under `name` with its config dataclass."""
+
+    def wrap(cls: type[ContinualMethod]) -> type[ContinualMethod]:
+        if name in _METHODS:
+            raise ValueError(f"method {name!r} is registered twice")
+        cls.name = name
+        cls.config_cls = config
+        doc = (cls.__doc__ or "").strip()
+        cls.summary = doc.splitlines()[0] if doc else ""
+        _METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+def _load_builtins() -> None:
+    import retain.methods  # noqa: F401  (importing the package registers the built-in methods)
+
+
+def available() -> dict[str, type[ContinualMethod]]:
+    """Name -> class of every registered method."""
+    _load_builtins()
+    return dict(sorted(_METHODS.items()))
+
+
+def get_method_class(name: str) -> type[ContinualMethod]:
+    methods = available()
+    if name not in methods:
+        raise RetainError(
+            f"unknown method '{name}'{did_you_mean(name, methods)}; available: {', '.join(methods)}"
+        )
+    return methods[name]
+
+
+def build_method_config(name: str, params: dict[str, Any]) -> Any:
+    """Validate `params` against the method's config dataclass (unknown keys get a did-you-mean)."""
+    from retain.config import _build
+
+    cls = get_method_class(name)
+    if cls.config_cls is None:
+        if params:
+            raise RetainError(f"config: method '{name}' takes no settings, got {', '.join(params)}")
+        return None
+    return _build(cls.config_cls, params, "method")
+
+
+def create_method(name: str, params: dict[str, Any] | None = None) -> ContinualMethod:
+    """Instantiate a registered method with validated settings."""
+    cls = get_method_class(name)
+    return cls(build_method_config(name, params or {}))
+
+
+def describe(cls: type[ContinualMethod]) -> list[tuple[str, Any, str]]:
+    """(name, default, help) of each hyper-parameter of a method, for `retain methods`."""
+    if cls.config_cls is None:
+        return []
+    rows = []
+    for f in dataclasses.fields(cls.config_cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        rows.append((f.name, default, f.metadata.get("help", "")))
+    return rows

