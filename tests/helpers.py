@@ -17,10 +17,20 @@ def tiny_config(tmp_path, method: str = "sequential", params: dict | None = None
     """A 2-task stream on the tiny random model that trains in about a second."""
     raw = {
         "model": {"name_or_path": "tiny-random", "lora_rank": 4, "lora_alpha": 8},
-        "stream": {"train_size": 32, "test_size": 6, "tasks": ["synthetic:parity", "synthetic:capital_letters"]},
+        "stream": {
+            "train_size": 32,
+            "test_size": 6,
+            "tasks": ["synthetic:parity", "synthetic:capital_letters"],
+        },
         "method": {"name": method, **(params or {})},
-        "train": {"learning_rate": 5e-3, "per_device_train_batch_size": 4, "max_steps": 6, "cutoff_len": 96,
-                  "logging_steps": 2, "bf16": "false"},
+        "train": {
+            "learning_rate": 2e-2,
+            "per_device_train_batch_size": 4,
+            "max_steps": 6,
+            "cutoff_len": 96,
+            "logging_steps": 2,
+            "bf16": "false",
+        },
         "eval": {"max_new_tokens": 6, "batch_size": 8},
         "output_dir": str(tmp_path / "run"),
         "seed": 3,

@@ -23,7 +23,9 @@ from .helpers import tiny_config, tiny_context
 
 
 def _adapter(run_dir, index, name):
-    return load_file(os.path.join(run_dir, "tasks", f"{index}-{name}", "adapter", "adapter_model.safetensors"))
+    return load_file(
+        os.path.join(run_dir, "tasks", f"{index}-{name}", "adapter", "adapter_model.safetensors")
+    )
 
 
 def _distance(a: dict, b: dict) -> float:
@@ -41,7 +43,11 @@ def test_registry_lists_the_methods_and_suggests_close_names():
 def test_sequential_trains_one_adapter_on_through_the_stream(tmp_path):
     results = run_experiment(config_from_dict(tiny_config(tmp_path)))
     run = str(tmp_path / "run")
-    init, first, second = _adapter(run, 0, "init"), _adapter(run, 1, "parity"), _adapter(run, 2, "capital_letters")
+    init, first, second = (
+        _adapter(run, 0, "init"),
+        _adapter(run, 1, "parity"),
+        _adapter(run, 2, "capital_letters"),
+    )
     assert _distance(init, first) > 0 and _distance(first, second) > 0
     assert len(results["matrix"]) == 3 and all(len(row) == 2 for row in results["matrix"])
 
@@ -91,7 +97,9 @@ def test_replay_memory_survives_a_checkpoint(tmp_path):
     method.after_task(ctx, tasks[0], tasks[0].train)
     restored = Replay(ReplayConfig(memory_size=5))
     restored.load_state_dict(method.state_dict())
-    assert [e.reference for _, e in restored.memory["parity"]] == [e.reference for _, e in method.memory["parity"]]
+    assert [e.reference for _, e in restored.memory["parity"]] == [
+        e.reference for _, e in method.memory["parity"]
+    ]
     assert len(restored.memory["parity"]) == 5
 
 
@@ -142,15 +150,18 @@ def test_ewc_with_a_huge_lambda_keeps_task1_weights_in_place(tmp_path):
     moved = {}
     for name, lam in (("free", 0.0), ("held", 1e9)):
         out = tmp_path / name
-        config = config_from_dict(tiny_config(out, "ewc", {"ewc_lambda": lam, "fisher_samples": 16},
-                                              train={"max_steps": 12}))
+        config = config_from_dict(
+            tiny_config(out, "ewc", {"ewc_lambda": lam, "fisher_samples": 16}, train={"max_steps": 12})
+        )
         run_experiment(config, evaluate=False)
         run = str(out / "run")
         fisher = torch.load(os.path.join(run, "tasks", "1-parity", "method_state.pt"))["fisher"]
         first, second = _adapter(run, 1, "parity"), _adapter(run, 2, "capital_letters")
         # PEFT's saved keys drop the adapter name that the live parameter names carry.
-        moved[name] = sum(float((f * (first[n.replace(".default", "")] - second[n.replace(".default", "")]) ** 2).sum())
-                          for n, f in fisher.items())
+        moved[name] = sum(
+            float((f * (first[n.replace(".default", "")] - second[n.replace(".default", "")]) ** 2).sum())
+            for n, f in fisher.items()
+        )
     assert moved["free"] > 0
     assert moved["held"] < 0.05 * moved["free"]
 
@@ -174,7 +185,10 @@ def test_lwf_kl_is_zero_at_the_first_step_and_positive_after_updates(tmp_path):
     assert ctx.logged["lwf/kl"][-1] > 1e-4
     assert total.item() > outputs.loss.item()
     # The teacher is computed on the fly; nothing of vocabulary size is stored.
-    assert all(t.shape == p.shape for t, p in zip(method.teacher.values(), trainable_parameters(ctx.model).values()))
+    assert all(
+        t.shape == p.shape
+        for t, p in zip(method.teacher.values(), trainable_parameters(ctx.model).values(), strict=True)
+    )
 
 
 class _PenaltyOnly(ContinualMethod):
@@ -189,7 +203,9 @@ class _PenaltyOnly(ContinualMethod):
         return 0.0 * outputs.loss + sum((p.float() ** 2).sum() for p in params.values())
 
     def before_optimizer_step(self, ctx, model):
-        self.grads.append({n: p.grad.clone() for n, p in trainable_parameters(model).items() if p.grad is not None})
+        self.grads.append(
+            {n: p.grad.clone() for n, p in trainable_parameters(model).items() if p.grad is not None}
+        )
 
 
 @pytest.mark.parametrize("accumulation", [1, 4])
@@ -199,15 +215,29 @@ def test_gradient_accumulation_counts_a_penalty_once_per_optimizer_step(tmp_path
     ctx, tasks = tiny_context(tmp_path)
     method = _PenaltyOnly()
     args = TrainingArguments(
-        output_dir=str(tmp_path / "t"), per_device_train_batch_size=2, gradient_accumulation_steps=accumulation,
-        max_steps=1, learning_rate=0.0, report_to=[], use_cpu=True, remove_unused_columns=False,
-        save_strategy="no", max_grad_norm=0.0, disable_tqdm=True,
+        output_dir=str(tmp_path / "t"),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        learning_rate=0.0,
+        report_to=[],
+        use_cpu=True,
+        remove_unused_columns=False,
+        save_strategy="no",
+        max_grad_norm=0.0,
+        disable_tqdm=True,
     )
     with torch.no_grad():
         for p in trainable_parameters(ctx.model).values():
             p.fill_(0.1)
-    trainer = ContinualTrainer(model=ctx.model, args=args, train_dataset=FeatureDataset(ctx.encode(tasks[0].train)),
-                               data_collator=ctx.collate, method=method, ctx=ctx)
+    trainer = ContinualTrainer(
+        model=ctx.model,
+        args=args,
+        train_dataset=FeatureDataset(ctx.encode(tasks[0].train)),
+        data_collator=ctx.collate,
+        method=method,
+        ctx=ctx,
+    )
     trainer.train()
     (grads,) = method.grads
     # d/dp sum p^2 = 2p = 0.2, whatever the number of micro-batches.

@@ -29,7 +29,9 @@ def _console():
 def _setup_logging(verbose: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("retain").setLevel(logging.INFO)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
@@ -52,9 +54,14 @@ def print_plan(plan) -> None:
 
     config = plan.config
     console = _console()
-    console.print(f"[bold]model[/bold] {config.model.name_or_path} ({config.model.finetuning_type}"
-                  + (f", rank {config.model.lora_rank}, targets {config.model.lora_target})" if
-                     config.model.finetuning_type == "lora" else ")"))
+    console.print(
+        f"[bold]model[/bold] {config.model.name_or_path} ({config.model.finetuning_type}"
+        + (
+            f", rank {config.model.lora_rank}, targets {config.model.lora_target})"
+            if config.model.finetuning_type == "lora"
+            else ")"
+        )
+    )
     settings = build_method_config(plan.method.name, config.method.params)
     console.print(f"[bold]method[/bold] {plan.method.name} {settings if settings is not None else ''}")
     table = Table(title="task stream")
@@ -62,16 +69,26 @@ def print_plan(plan) -> None:
         table.add_column(column)
     batch = config.train.per_device_train_batch_size * config.train.gradient_accumulation_steps
     for i, unit in enumerate(plan.train_units, 1):
-        steps = config.train.max_steps if config.train.max_steps > 0 else math.ceil(
-            len(unit.train) / batch * config.train.num_train_epochs
+        steps = (
+            config.train.max_steps
+            if config.train.max_steps > 0
+            else math.ceil(len(unit.train) / batch * config.train.num_train_epochs)
         )
         tests = plan.tasks if plan.joint else [unit]
-        table.add_row(str(i), unit.name, str(len(unit.train)), str(sum(len(t.test) for t in tests)),
-                      ", ".join(sorted({t.scorer for t in tests})), str(steps))
+        table.add_row(
+            str(i),
+            unit.name,
+            str(len(unit.train)),
+            str(sum(len(t.test) for t in tests)),
+            ", ".join(sorted({t.scorer for t in tests})),
+            str(steps),
+        )
     console.print(table)
     out = os.path.abspath(config.output_dir)
-    console.print(f"[bold]output[/bold] {out}/ (config.yaml, state.json, tasks/<k>-<task>/, eval/<k>/<task>.jsonl, "
-                  "results.json, report.md, accuracy_matrix.png)")
+    console.print(
+        f"[bold]output[/bold] {out}/ (config.yaml, state.json, tasks/<k>-<task>/, eval/<k>/<task>.jsonl, "
+        "results.json, report.md, accuracy_matrix.png)"
+    )
     console.print("dry run: nothing was trained")
 
 
@@ -89,8 +106,10 @@ def cmd_run(args: argparse.Namespace, train: bool = True, evaluate: bool = True)
         print_report(results, _console())
         _console().print(f"run directory: {os.path.abspath(config.output_dir)}")
     elif results is None:
-        _console().print(f"trained; checkpoints in {os.path.abspath(config.output_dir)}/tasks "
-                         f"(evaluate with: retain eval {config.output_dir})")
+        _console().print(
+            f"trained; checkpoints in {os.path.abspath(config.output_dir)}/tasks "
+            f"(evaluate with: retain eval {config.output_dir})"
+        )
     return 0
 
 
@@ -140,14 +159,18 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="retain", description="Continual instruction tuning of language models.")
+    parser = argparse.ArgumentParser(
+        prog="retain", description="Continual instruction tuning of language models."
+    )
     parser.add_argument("--version", action="version", version=f"retain {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> None:
         p.add_argument("config", help="YAML config file (see examples/)")
-        p.add_argument("overrides", nargs="*", help="dotted overrides: method.name=replay train.learning_rate=1e-4")
+        p.add_argument(
+            "overrides", nargs="*", help="dotted overrides: method.name=replay train.learning_rate=1e-4"
+        )
 
     run = sub.add_parser("run", help="train each task, evaluate after each, report the metrics")
     with_config(run)
@@ -164,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", help="e.g. eval.batch_size=16")
     ev.set_defaults(func=cmd_eval)
 
-    metrics = sub.add_parser("metrics", help="CL metrics from results.json or any JSON holding \"matrix\"")
+    metrics = sub.add_parser("metrics", help='CL metrics from results.json or any JSON holding "matrix"')
     metrics.add_argument("file")
     metrics.add_argument("--json", action="store_true", help="print the metrics as JSON")
     metrics.set_defaults(func=cmd_metrics)
@@ -176,7 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may come after flags (`run CONFIG --dry-run a.b=1`), which plain parse_args refuses.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     _setup_logging(args.verbose)
     try:
         return args.func(args)
@@ -184,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume after the last completed task", file=sys.stderr)
+        print(
+            "interrupted: run the same command again to resume after the last completed task", file=sys.stderr
+        )
         return 130
 
 

@@ -24,7 +24,9 @@ from retain.errors import RetainError, did_you_mean
 class ModelConfig:
     name_or_path: str = field(
         default="smollm2-135m",
-        metadata={"help": "built-in name (smollm2-135m, tiny-random) or a local Hugging Face model directory"},
+        metadata={
+            "help": "built-in name (smollm2-135m, tiny-random) or a local Hugging Face model directory"
+        },
     )
     finetuning_type: str = field(default="lora", metadata={"help": "lora or full"})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank r"})
@@ -68,7 +70,9 @@ class MethodConfig:
 class TrainConfig:
     learning_rate: float = 2e-4
     num_train_epochs: float = 1.0
-    max_steps: int = field(default=-1, metadata={"help": "optimizer steps per task; overrides epochs when > 0"})
+    max_steps: int = field(
+        default=-1, metadata={"help": "optimizer steps per task; overrides epochs when > 0"}
+    )
     per_device_train_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     cutoff_len: int = field(default=256, metadata={"help": "maximum tokens per training example"})
@@ -76,7 +80,9 @@ class TrainConfig:
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    bf16: str = field(default="auto", metadata={"help": "auto (on where the CPU/GPU supports it), true, false"})
+    bf16: str = field(
+        default="auto", metadata={"help": "auto (on where the CPU/GPU supports it), true, false"}
+    )
     logging_steps: int = 10
 
 
@@ -84,7 +90,9 @@ class TrainConfig:
 class EvalConfig:
     max_new_tokens: int = 32
     batch_size: int = 32
-    before_training: bool = field(default=True, metadata={"help": "evaluate the untrained model (row 0, FWT)"})
+    before_training: bool = field(
+        default=True, metadata={"help": "evaluate the untrained model (row 0, FWT)"}
+    )
 
 
 @dataclass
@@ -325,7 +333,9 @@ def validate(config: RunConfig) -> None:
     _positive(config.stream.train_size, "stream.train_size")
     _positive(config.stream.test_size, "stream.test_size")
     if not config.stream.tasks:
-        raise RetainError("config: stream.tasks is empty; list at least one task (see examples/quickstart.yaml)")
+        raise RetainError(
+            "config: stream.tasks is empty; list at least one task (see examples/quickstart.yaml)"
+        )
     seen = set()
     for i, task in enumerate(config.stream.tasks):
         where = f"stream.tasks[{i}]"

@@ -63,7 +63,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_model(tokenizer: PreTrainedTokenizerFast | None = None, seed: int = 0, **overrides) -> LlamaForCausalLM:
+def tiny_model(
+    tokenizer: PreTrainedTokenizerFast | None = None, seed: int = 0, **overrides
+) -> LlamaForCausalLM:
     """A 2-layer Llama with hidden size 32, randomly initialised from `seed` (builds in milliseconds)."""
     tokenizer = tokenizer or tiny_tokenizer()
     config = LlamaConfig(

@@ -26,7 +26,9 @@ from retain.models.adapters import snapshot_trainable, trainable_parameters
 class EWCConfig:
     ewc_lambda: float = field(default=1000.0, metadata={"help": "penalty strength lambda"})
     gamma: float = field(default=1.0, metadata={"help": "decay of the accumulated Fisher (online EWC)"})
-    fisher_samples: int = field(default=64, metadata={"help": "training examples used to estimate the Fisher"})
+    fisher_samples: int = field(
+        default=64, metadata={"help": "training examples used to estimate the Fisher"}
+    )
 
     def __post_init__(self) -> None:
         if self.ewc_lambda < 0 or not 0.0 <= self.gamma <= 1.0 or self.fisher_samples <= 0:

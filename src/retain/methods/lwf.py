@@ -4,12 +4,14 @@ Teacher: the model as it was before the current task (its trainable weights are 
 before_task; the forward substitutes them with torch.func.functional_call, so nothing is copied into the
 model and no full-vocabulary logits are ever cached). The snapshot is retaken in before_task, so a
 resumed run needs no saved teacher. Loss on each step:
-L = L_task + alpha * T^2 * KL(softmax(z_teacher / T) || softmax(z_student / T)), averaged over response tokens.
+L = L_task + alpha * T^2 * KL(softmax(z_teacher / T) || softmax(z_student / T)),
+averaged over response tokens.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
@@ -30,7 +32,9 @@ class LwFConfig:
             raise RetainError("config: lwf needs lwf_alpha >= 0 and temperature > 0")
 
 
-def response_kl(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+def response_kl(
+    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """T^2 * KL(teacher || student) per response token (labels != -100), averaged over those tokens."""
     mask = labels != -100
     if not mask.any():
@@ -56,7 +60,10 @@ class LwF(ContinualMethod):
 
     def teacher_logits(self, model, batch: dict, keep: int) -> torch.Tensor:
         inner = unwrap(model)
-        weights = {n: w.to(dtype=p.dtype) for (n, w), p in zip(self.teacher.items(), self._params(inner), strict=True)}
+        weights = {
+            n: w.to(dtype=p.dtype)
+            for (n, w), p in zip(self.teacher.items(), self._params(inner), strict=True)
+        }
         with torch.no_grad():
             out = functional_call(
                 inner,

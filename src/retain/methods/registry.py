@@ -12,7 +12,9 @@ from retain.methods.base import ContinualMethod
 _METHODS: dict[str, type[ContinualMethod]] = {}
 
 
-def register(name: str, config: type | None = None) -> Callable[[type[ContinualMethod]], type[ContinualMethod]]:
+def register(
+    name: str, config: type | None = None
+) -> Callable[[type[ContinualMethod]], type[ContinualMethod]]:
     """Class decorator: register a ContinualMethod subclass under `name` with its config dataclass."""
 
     def wrap(cls: type[ContinualMethod]) -> type[ContinualMethod]:

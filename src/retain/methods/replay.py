@@ -1,7 +1,8 @@
 """Experience replay: a per-task sample memory, mixed into the training data of later tasks.
 
 Memory: after task t, a reservoir sample (Vitter's Algorithm R, seeded) of `memory_size` examples, or
-`memory_ratio` x |D_t|, is kept. Training set of task t: D_t plus n_replay = replay_ratio/(1-replay_ratio) x |D_t|
+`memory_ratio` x |D_t|, is kept. Training set of task t: D_t plus
+n_replay = replay_ratio/(1-replay_ratio) x |D_t|
 examples drawn evenly from the memories of tasks 1..t-1, so replayed samples make up `replay_ratio`
 of it (Chaudhry et al., 2019, "On Tiny Episodic Memories in Continual Learning").
 """

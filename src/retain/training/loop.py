@@ -70,7 +70,9 @@ def make_plan(config: RunConfig) -> Plan:
     """Load and check everything the run needs except the model weights."""
     method = create_method(config.method.name, config.method.params)
     if config.model.finetuning_type == "full" and not method.supports_full_finetuning:
-        raise RetainError(f"method '{method.name}' does not support full fine-tuning; use finetuning_type: lora")
+        raise RetainError(
+            f"method '{method.name}' does not support full fine-tuning; use finetuning_type: lora"
+        )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not method.supports_multiprocess:
         raise RetainError(f"method '{method.name}' does not support more than one process yet")
     tasks = build_stream(config)
@@ -84,14 +86,20 @@ def make_plan(config: RunConfig) -> Plan:
 def check_encoding(plan: Plan, tokenizer) -> None:
     """Encode every training set once so cutoff problems surface before anything is written."""
     for task in plan.tasks:
-        encode_dataset(tokenizer, task.train, plan.config.train.cutoff_len, source=f"task '{task.name}' (train)")
+        encode_dataset(
+            tokenizer, task.train, plan.config.train.cutoff_len, source=f"task '{task.name}' (train)"
+        )
 
 
 def training_arguments(config: RunConfig, run_dir: RunDir, index: int, bf16: bool) -> TrainingArguments:
     train = config.train
     # transformers 5 folds warmup_ratio into warmup_steps (a float < 1 is a ratio); 4.x has both.
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
-    warmup = {"warmup_ratio": train.warmup_ratio} if "warmup_ratio" in fields else {"warmup_steps": train.warmup_ratio}
+    warmup = (
+        {"warmup_ratio": train.warmup_ratio}
+        if "warmup_ratio" in fields
+        else {"warmup_steps": train.warmup_ratio}
+    )
     return TrainingArguments(
         **warmup,
         output_dir=os.path.join(run_dir.path, "tasks", ".trainer"),
@@ -163,7 +171,9 @@ class Experiment:
 
     def checkpoint(self, index: int, log: list[dict]) -> None:
         if self.is_main:
-            self.run_dir.save_checkpoint(index, self.unit_name(index), self.model, self.method.state_dict(), log)
+            self.run_dir.save_checkpoint(
+                index, self.unit_name(index), self.model, self.method.state_dict(), log
+            )
         self.state.wait_for_everyone()
 
     def train_unit(self, index: int) -> tuple[float, list[dict]]:
@@ -173,7 +183,9 @@ class Experiment:
         set_seed(self.config.seed + index)
         self.method.before_task(self.ctx, unit)
         data = self.method.training_data(self.ctx, unit, unit.train)
-        features = encode_dataset(self.tokenizer, data, self.config.train.cutoff_len, source=f"task '{unit.name}'")
+        features = encode_dataset(
+            self.tokenizer, data, self.config.train.cutoff_len, source=f"task '{unit.name}'"
+        )
         trainer = ContinualTrainer(
             model=self.model,
             args=training_arguments(self.config, self.run_dir, index, self.bf16),

@@ -1,11 +1,11 @@
 """The run directory: its layout, atomic writes, the resume point (state.json) and the single-writer lock.
 
-    <output_dir>/
-      config.yaml            the resolved config, as run
-      state.json             tasks trained, rows evaluated, timings: the resume point
-      tasks/<k>-<task>/      adapter/ (PEFT format) or model/ (full fine-tuning), method_state.pt, train_log.json
-      eval/<k>/<task>.jsonl  prompt, prediction, reference, score per test example
-      results.json, report.md, accuracy_matrix.png
+<output_dir>/
+  config.yaml            the resolved config, as run
+  state.json             tasks trained, rows evaluated, timings: the resume point
+  tasks/<k>-<task>/      adapter/ (PEFT format) or model/ (full fine-tuning), method_state.pt, train_log.json
+  eval/<k>/<task>.jsonl  prompt, prediction, reference, score per test example
+  results.json, report.md, accuracy_matrix.png
 """
 
 from __future__ import annotations
@@ -75,11 +75,14 @@ class RunDir:
         if not self.exists():
             if os.path.isdir(self.path) and os.listdir(self.path) and not os.path.isfile(self.config_path):
                 raise RetainError(
-                    f"output_dir {self.path} exists and is not a retain run directory; choose another output_dir"
+                    f"output_dir {self.path} exists and is not a retain run directory; "
+                    "choose another output_dir"
                 )
             return
         old, new = _flatten(self.saved_config()), _flatten(config_to_dict(config))
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUME_MAY_CHANGE)
+        changed = sorted(
+            k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUME_MAY_CHANGE
+        )
         if changed:
             diffs = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
             raise RetainError(
@@ -127,7 +130,9 @@ class RunDir:
             with open(self.state_path, encoding="utf-8") as handle:
                 return json.load(handle)
         except json.JSONDecodeError as exc:
-            raise RetainError(f"{self.state_path} is corrupt (line {exc.lineno}, column {exc.colno})") from None
+            raise RetainError(
+                f"{self.state_path} is corrupt (line {exc.lineno}, column {exc.colno})"
+            ) from None
 
     def save_state(self, state: dict) -> None:
         write_json_atomic(self.state_path, state)

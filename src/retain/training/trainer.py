@@ -33,7 +33,12 @@ def collate(features: list[dict[str, list[int]]], pad_token_id: int) -> dict[str
         labels[i, length - n :] = torch.tensor(f["labels"])
         attention[i, length - n :] = 1
     position_ids = (attention.cumsum(dim=1) - 1).clamp(min=0)
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention, "position_ids": position_ids}
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": attention,
+        "position_ids": position_ids,
+    }
 
 
 def response_window(labels: torch.Tensor) -> int:
@@ -45,7 +50,9 @@ def response_window(labels: torch.Tensor) -> int:
     return labels.shape[1] - max(first - 1, 0)
 
 
-def response_forward(model: nn.Module, batch: dict[str, torch.Tensor], keep: int | None = None) -> StepOutputs:
+def response_forward(
+    model: nn.Module, batch: dict[str, torch.Tensor], keep: int | None = None
+) -> StepOutputs:
     """Forward with the LM head on the response window only; token-mean cross-entropy on responses."""
     labels = batch["labels"]
     keep = keep or response_window(labels)
@@ -58,7 +65,9 @@ def response_forward(model: nn.Module, batch: dict[str, torch.Tensor], keep: int
     )
     logits = out.logits[:, :-1]
     targets = labels[:, labels.shape[1] - keep + 1 :]
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
+    loss = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE
+    )
     return StepOutputs(loss=loss, logits=logits, labels=targets, keep=keep)
 
 

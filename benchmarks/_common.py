@@ -1,0 +1,52 @@
+"""Helpers shared by the benchmark scripts: output folder, JSON writing, table printing, machine info."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+from typing import Any
+
+import torch
+
+OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on (ratios are only comparable on the same kind of machine)."""
+    import peft
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "cuda": torch.cuda.is_available(),
+    }
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def write_json(name: str, payload: dict[str, Any]) -> str:
+    os.makedirs(OUT_DIR, exist_ok=True)
+    path = os.path.join(OUT_DIR, f"{name}.json")
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2)
+        handle.write("\n")
+    return path
+
+
+def print_table(rows: list[tuple[str, ...]]) -> None:
+    """Left-aligned first column, right-aligned others."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for k, row in enumerate(rows):
+        cells = [row[0].ljust(widths[0])] + [cell.rjust(widths[i]) for i, cell in enumerate(row) if i > 0]
+        print("  ".join(cells))
+        if k == 0:
+            print("  ".join("-" * w for w in widths))

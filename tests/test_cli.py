@@ -1,0 +1,275 @@
+"""End-to-end tests of the `retain` command on the tiny random model: workflow, errors, resume, locking."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from .helpers import tiny_config
+
+RETAIN = [sys.executable, "-m", "retain.cli"]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def write_config(tmp_path, name="config.yaml", **kwargs) -> str:
+    raw = tiny_config(tmp_path, **kwargs)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def retain(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([*RETAIN, *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=300)
+
+
+def snapshot(folder) -> dict[str, float]:
+    """Every file under `folder` with its modification time and size."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            st = os.stat(path)
+            out[path] = (st.st_mtime_ns, st.st_size)
+    return out
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def assert_same_results(got: dict, expected: dict) -> None:
+    assert len(got["matrix"]) == len(expected["matrix"])
+    for row, want in zip(got["matrix"], expected["matrix"], strict=True):
+        assert row == pytest.approx(want, abs=1e-6)
+    assert got["metrics"] == pytest.approx(expected["metrics"], abs=1e-6)
+
+
+def predictions(run) -> dict[str, list[str]]:
+    """Every prediction of a run, by eval file."""
+    out = {}
+    for root, _, files in os.walk(os.path.join(run, "eval")):
+        for name in files:
+            with open(os.path.join(root, name)) as handle:
+                rel = os.path.relpath(os.path.join(root, name), run)
+                out[rel] = [json.loads(line)["prediction"] for line in handle if line.strip()]
+    return out
+
+
+def test_run_writes_the_run_directory_and_metrics_reads_it(tmp_path):
+    config = write_config(tmp_path)
+    proc = retain("run", config)
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "run"
+    for name in ("config.yaml", "state.json", "results.json", "report.md", "accuracy_matrix.png"):
+        assert (run / name).is_file(), name
+    results = json.loads((run / "results.json").read_text())
+    assert results["tasks"] == ["parity", "capital_letters"]
+    assert len(results["matrix"]) == 3
+    assert set(results["metrics"]) >= {"last", "avg", "bwt", "fwt", "forgetting", "plasticity"}
+    lines = (run / "eval" / "2" / "parity.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and set(json.loads(lines[0])) >= {"prompt", "prediction", "reference", "score"}
+    assert (run / "tasks" / "1-parity" / "adapter" / "adapter_model.safetensors").is_file()
+
+    proc = retain("metrics", str(run / "results.json"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == pytest.approx(results["metrics"])
+
+
+def test_metrics_of_any_json_holding_a_matrix(tmp_path):
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"matrix": [[0.0, 0.0], [0.8, 0.1], [0.5, 0.9]]}))
+    proc = retain("metrics", str(path), "--json")
+    metrics = json.loads(proc.stdout)
+    assert metrics["bwt"] == pytest.approx(-0.3)
+    assert metrics["fwt"] == pytest.approx(0.1)
+    assert metrics["last"] == pytest.approx(0.7)
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path):
+    config = write_config(tmp_path)
+    proc = retain("run", config, "--dry-run", "method.name=replay", "train.learning_rate=1e-4")
+    assert proc.returncode == 0, proc.stderr
+    for needle in ("replay", "parity", "capital_letters", "dry run", str(tmp_path / "run")):
+        assert needle in proc.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def test_methods_lists_names_and_hyper_parameters():
+    proc = retain("methods")
+    assert proc.returncode == 0
+    for needle in (
+        "sequential",
+        "multitask",
+        "replay",
+        "ewc",
+        "lwf",
+        "ewc_lambda",
+        "replay_ratio",
+        "temperature",
+    ):
+        assert needle in proc.stdout
+
+
+def test_train_then_eval_fills_the_same_matrix_as_run(tmp_path):
+    config = write_config(tmp_path)
+    assert retain("run", config).returncode == 0
+    expected = json.loads((tmp_path / "run" / "results.json").read_text())
+
+    other = tmp_path / "second"
+    other.mkdir()
+    config2 = write_config(other)
+    proc = retain("train", config2)
+    assert proc.returncode == 0, proc.stderr
+    assert not (other / "run" / "results.json").exists()
+    proc = retain("eval", str(other / "run"))
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads((other / "run" / "results.json").read_text())
+    assert_same_results(got, expected)
+    assert predictions(other / "run") == predictions(tmp_path / "run")
+
+
+BAD_INPUTS = [
+    ("method.name=replya", ["unknown method 'replya'", "did you mean: replay"]),
+    ("train.learnig_rate=1e-4", ["learnig_rate", "did you mean: learning_rate"]),
+    ("stream.tasks=[nope_dataset]", ["nope_dataset"]),
+    ("stream.tasks=[synthetic:parityy]", ["parityy", "parity"]),
+    ("stream.train_size=-3", ["train_size", "positive"]),
+    ("stream.test_size=0", ["test_size", "positive"]),
+    ("train.cutoff_len=8", ["cutoff_len"]),
+    ("stream.tasks=[/nonexistent/file.json]", ["/nonexistent/file.json"]),
+]
+
+
+@pytest.mark.parametrize(("override", "needles"), BAD_INPUTS)
+def test_bad_input_gives_one_error_line_and_leaves_the_run_untouched(tmp_path, override, needles):
+    config = write_config(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "keep.txt").write_text("existing work")
+    before = snapshot(run)
+    assert_user_error(retain("run", config, override), *needles)
+    assert snapshot(run) == before
+
+
+def test_bad_data_files_are_named_in_the_error(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "dataset_info.json").write_text(
+        json.dumps(
+            {
+                "good": {"file_name": "good.json"},
+                "broken": {"file_name": "broken.json"},
+                "nocol": {"file_name": "nocol.json"},
+                "empty": {"file_name": "empty.json"},
+            }
+        )
+    )
+    (data / "good.json").write_text(json.dumps([{"instruction": "say hi", "input": "", "output": "hi"}] * 4))
+    (data / "broken.json").write_text('[{"instruction": "x", "output": "y"},\n {"instruction": oops}]')
+    (data / "nocol.json").write_text(json.dumps([{"instruction": "x"}]))
+    (data / "empty.json").write_text("[]")
+    config = write_config(tmp_path)
+    cases = {
+        "broken": ["broken.json", "line 2"],
+        "nocol": ["nocol.json", "output"],
+        "empty": ["empty.json"],
+        "missing_name": ["missing_name", "good"],
+    }
+    for name, needles in cases.items():
+        proc = retain("run", config, f"stream.dataset_dir={data}", f"stream.tasks=[{name}]")
+        assert_user_error(proc, *needles)
+
+
+def test_malformed_yaml_and_missing_config(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    assert_user_error(retain("run", str(bad)), "bad.yaml", "line")
+    assert_user_error(retain("run", str(tmp_path / "absent.yaml")), "absent.yaml")
+
+
+def _start(config: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*RETAIN, "run", config],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _wait_for(predicate, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def _trained(run) -> int:
+    try:
+        return json.loads((run / "state.json").read_text())["trained"]
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def test_a_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
+    slow = {
+        "train": {"max_steps": 60},
+        "stream": {
+            "train_size": 64,
+            "test_size": 6,
+            "tasks": ["synthetic:parity", "synthetic:capital_letters", "synthetic:reverse"],
+        },
+    }
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    whole = write_config(tmp_path / "a", method="ewc", params={"fisher_samples": 8}, **slow)
+    assert retain("run", whole).returncode == 0
+    expected = json.loads((tmp_path / "a" / "run" / "results.json").read_text())
+
+    config = write_config(tmp_path / "b", method="ewc", params={"fisher_samples": 8}, **slow)
+    run = tmp_path / "b" / "run"
+    proc = _start(config)
+    _wait_for(lambda: _trained(run) >= 1)
+    time.sleep(0.5)  # into task 2's training
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "results.json").exists()
+    resumed = retain("run", config)
+    assert resumed.returncode == 0, resumed.stderr
+    got = json.loads((run / "results.json").read_text())
+    assert_same_results(got, expected)
+    assert predictions(run) == predictions(tmp_path / "a" / "run")
+
+
+def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path):
+    config = write_config(tmp_path, train={"max_steps": 200}, stream={"train_size": 64})
+    run = tmp_path / "run"
+    first = _start(config)
+    try:
+        _wait_for(lambda: (run / "state.json").exists())
+        second = retain("run", config)
+        assert_user_error(second, "another retain process", str(run))
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    config = write_config(tmp_path)
+    assert retain("train", config).returncode == 0
+    assert_user_error(retain("run", config, "train.learning_rate=0.1"), "learning_rate", "another output_dir")
