@@ -121,7 +121,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config_file = os.path.join(args.run_dir, "config.yaml")
     if not os.path.isfile(config_file):
         raise RetainError(f"{args.run_dir} is not a retain run directory (no config.yaml)")
-    config = config_from_dict(read_yaml(config_file), source=config_file, overrides=args.overrides)
+    config = config_from_dict(read_yaml(config_file), source=config_file)
     config.output_dir = args.run_dir
     results = run_experiment(config, train=False, evaluate=True)
     if results is not None and int(os.environ.get("RANK", "0")) == 0:
@@ -184,7 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a run directory's saved per-task checkpoints")
     ev.add_argument("run_dir")
-    ev.add_argument("overrides", nargs="*", help="e.g. eval.batch_size=16")
     ev.set_defaults(func=cmd_eval)
 
     metrics = sub.add_parser("metrics", help='CL metrics from results.json or any JSON holding "matrix"')

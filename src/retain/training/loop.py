@@ -47,6 +47,11 @@ def bf16_supported() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def process_state() -> PartialState:
+    """The process group (from torchrun / accelerate launch env vars); gloo on CPU-only machines."""
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def use_bf16(config: RunConfig) -> bool:
     setting = str(config.train.bf16).lower()
     return bf16_supported() if setting == "auto" else setting == "true"
@@ -130,7 +135,7 @@ class Experiment:
     def __init__(self, plan: Plan, run_dir: RunDir) -> None:
         self.plan, self.config, self.run_dir = plan, plan.config, run_dir
         self.method = plan.method
-        self.state = PartialState()
+        self.state = process_state()
         self.bf16 = use_bf16(self.config)
         model, tokenizer, info = load_model(self.config.model.name_or_path)
         set_seed(self.config.seed)
@@ -255,7 +260,7 @@ def run_experiment(config: RunConfig, *, train: bool = True, evaluate: bool = Tr
     check_encoding(plan, load_tokenizer(config.model.name_or_path))
     run_dir = RunDir(config.output_dir)
     run_dir.check_resumable(config)
-    partial = PartialState()
+    partial = process_state()
     with run_dir.lock(partial.process_index):
         partial.wait_for_everyone()
         experiment = Experiment(plan, run_dir)

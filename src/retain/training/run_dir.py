@@ -28,8 +28,9 @@ from retain.errors import RetainError
 from retain.evaluation.report import write_json_atomic, write_text_atomic
 from retain.models.adapters import load_trainable, save_trainable, weights_folder
 
-# Settings that may change between a run and its resumption without changing its results.
-RESUME_MAY_CHANGE = {"eval.batch_size", "train.logging_steps", "output_dir"}
+# Settings that may change between a run and its resumption without changing its results. (Not
+# eval.batch_size: under bf16 autocast the batch composition can flip a near-tie in greedy decoding.)
+RESUME_MAY_CHANGE = {"train.logging_steps", "output_dir"}
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -1,0 +1,73 @@
+"""Two processes on the CPU (gloo): the same config runs under torchrun, and the EWC Fisher is reduced."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from retain.methods.ewc import diagonal_fisher
+
+from .helpers import tiny_context
+from .test_cli import write_config
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.mark.parametrize("method", ["sequential", "replay", "ewc"])
+def test_torchrun_two_processes_runs_the_same_config(tmp_path, method):
+    params = {"fisher_samples": 8} if method == "ewc" else {}
+    config = write_config(tmp_path, method=method, params=params)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "retain.cli",
+        "run",
+        config,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    results = json.loads((run / "results.json").read_text())
+    assert results["num_processes"] == 2
+    assert len(results["matrix"]) == 3
+    assert (run / "tasks" / "2-capital_letters" / "adapter" / "adapter_model.safetensors").is_file()
+    if method == "ewc":
+        state = torch.load(run / "tasks" / "2-capital_letters" / "method_state.pt")
+        assert state["fisher"] and sum(float(f.sum()) for f in state["fisher"].values()) > 0
+
+
+def _fisher_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        ctx, tasks = tiny_context(pathlib.Path(out_dir))
+        ctx.rank, ctx.world_size = rank, world
+        fisher = diagonal_fisher(ctx, tasks[0].train[:8])
+        if rank == 0:
+            torch.save(fisher, os.path.join(out_dir, "fisher.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_fisher_is_all_reduced_so_two_ranks_match_one_process(tmp_path):
+    mp.spawn(_fisher_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    two = torch.load(tmp_path / "fisher.pt")
+    ctx, tasks = tiny_context(tmp_path)
+    one = diagonal_fisher(ctx, tasks[0].train[:8])
+    assert set(one) == set(two)
+    for name in one:
+        assert torch.allclose(one[name], two[name], rtol=1e-4, atol=1e-12), name
