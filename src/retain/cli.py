@@ -104,6 +104,8 @@ def cmd_run(args: argparse.Namespace, train: bool = True, evaluate: bool = True)
         from retain.evaluation.report import print_report
 
         print_report(results, _console())
+        if results.get("adapters"):
+            _console().print(f"adapters: {len(results['adapters'])} ({', '.join(results['adapters'])})")
         _console().print(f"run directory: {os.path.abspath(config.output_dir)}")
     elif results is None:
         _console().print(

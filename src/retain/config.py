@@ -9,6 +9,7 @@ their section.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import types
 import typing
@@ -18,6 +19,8 @@ from typing import Any
 import yaml
 
 from retain.errors import RetainError, did_you_mean
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,6 +60,10 @@ class StreamConfig:
     dataset_dir: str = field(default="", metadata={"help": "folder holding dataset_info.json"})
     train_size: int | None = field(default=None, metadata={"help": "default training examples per task"})
     test_size: int | None = field(default=None, metadata={"help": "default test examples per task"})
+    system: str = field(
+        default="",
+        metadata={"help": "system prompt for examples without one (empty: the template's default)"},
+    )
     tasks: list[TaskConfig] = field(default_factory=list)
 
 
@@ -236,7 +243,8 @@ def _normalise_tree(raw: dict, source: str) -> dict:
     elif isinstance(method, dict):
         params = dict(method.get("params") or {})
         params.update({k: v for k, v in method.items() if k not in ("name", "params")})
-        tree["method"] = {"name": method.get("name", "sequential"), "params": params}
+        # No name here (an override like method.dema=false) keeps the name given elsewhere.
+        tree["method"] = {"params": params, **({"name": method["name"]} if "name" in method else {})}
     return tree
 
 
@@ -288,7 +296,12 @@ def config_from_dict(raw: dict, source: str = "config", overrides: list[str] | N
     """Build and validate a RunConfig from a raw mapping plus dotted overrides."""
     tree = _normalise_tree(raw, source)
     if overrides:
-        tree = _merge(tree, _normalise_tree(parse_overrides(overrides), "overrides"))
+        extra = _normalise_tree(parse_overrides(overrides), "overrides")
+        new_name = extra.get("method", {}).get("name")
+        if new_name and new_name != tree.get("method", {}).get("name"):
+            # Another method on the command line: the file's settings belong to the old one.
+            tree["method"] = {"name": new_name, "params": {}}
+        tree = _merge(tree, extra)
     config = _build(RunConfig, tree, "")
     validate(config)
     return config
@@ -332,6 +345,10 @@ def validate(config: RunConfig) -> None:
         raise RetainError(f"config: train.bf16 must be auto, true or false, got {config.train.bf16!r}")
     _positive(config.stream.train_size, "stream.train_size")
     _positive(config.stream.test_size, "stream.test_size")
+    if config.model.template not in ("auto", "default", ""):
+        logger.info(
+            "template '%s': retain renders prompts with the model's own chat template", config.model.template
+        )
     if not config.stream.tasks:
         raise RetainError(
             "config: stream.tasks is empty; list at least one task (see examples/quickstart.yaml)"

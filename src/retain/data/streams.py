@@ -77,6 +77,11 @@ def build_task(cfg: TaskConfig, run: RunConfig) -> Task:
             raise RetainError(f"task '{cfg.name}': {cfg.train} has too few examples to hold out a test set")
     train = subsample(train, cfg.train_size, run.seed, f"{cfg.name}/train")
     test = subsample(test, cfg.test_size, run.seed, f"{cfg.name}/test")
+    if run.stream.system:
+        train, test = (
+            [e if e.system else Example(e.messages, run.stream.system, e.meta) for e in split]
+            for split in (train, test)
+        )
     scorer = cfg.scorer
     if not scorer:
         name = cfg.train[len(SYNTHETIC_PREFIX) :] if cfg.train.startswith(SYNTHETIC_PREFIX) else ""

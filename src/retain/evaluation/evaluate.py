@@ -15,6 +15,29 @@ from retain.evaluation.scoring import get_scorer
 from retain.methods.base import ContinualMethod, MethodContext
 
 
+def _answer(
+    method: ContinualMethod, ctx: MethodContext, task, prompts, routes, row, **generation
+) -> list[str]:
+    """Predictions for `prompts`, generated route by route when the method routes instances."""
+    if routes is None:
+        model = method.eval_model(ctx, task)
+        return generate(model, ctx.tokenizer, prompts, desc=f"eval row {row}: {task.name}", **generation)
+    predictions = [""] * len(prompts)
+    for route in dict.fromkeys(routes):
+        members = [i for i, r in enumerate(routes) if r == route]
+        model = method.activate_route(ctx, route)
+        answers = generate(
+            model,
+            ctx.tokenizer,
+            [prompts[i] for i in members],
+            desc=f"eval row {row}: {task.name} [{route}]",
+            **generation,
+        )
+        for i, answer in zip(members, answers, strict=True):
+            predictions[i] = answer
+    return predictions
+
+
 def evaluate_row(
     method: ContinualMethod,
     ctx: MethodContext,
@@ -28,20 +51,15 @@ def evaluate_row(
     scores_row = []
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     for task, out_file in zip(ctx.tasks, out_files, strict=True):
-        model = method.eval_model(ctx, task)
         prompts = [encode_prompt(ctx.tokenizer, example) for example in task.test]
+        routes = method.eval_routes(ctx, task)
         with autocast:
-            predictions = generate(
-                model,
-                ctx.tokenizer,
-                prompts,
-                max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
-                desc=f"eval row {row}: {task.name}",
+            predictions = _answer(
+                method, ctx, task, prompts, routes, row, max_new_tokens=max_new_tokens, batch_size=batch_size
             )
         scorer = get_scorer(task.scorer)
         lines, scores = [], []
-        for example, prediction in zip(task.test, predictions, strict=True):
+        for i, (example, prediction) in enumerate(zip(task.test, predictions, strict=True)):
             score = float(scorer(prediction, example.reference))
             scores.append(score)
             record = {
@@ -50,6 +68,8 @@ def evaluate_row(
                 "reference": example.reference,
                 "score": score,
             }
+            if routes is not None:
+                record["route"] = routes[i]
             lines.append(json.dumps(record, ensure_ascii=False))
         os.makedirs(os.path.dirname(out_file), exist_ok=True)
         write_text_atomic(out_file, "\n".join(lines) + "\n")

@@ -173,7 +173,7 @@ def plot_matrix(results: dict, path: str | os.PathLike) -> None:
     tasks = results["tasks"]
     labels = _row_labels(results)
     values = [[math.nan] * len(tasks) if row is None else list(row) for row in results["matrix"]]
-    figure = Figure(figsize=(1.6 + 1.1 * len(tasks), 1.0 + 0.55 * len(labels)), layout="constrained")
+    figure = Figure(figsize=(3.5 + 1.1 * len(tasks), 2.0 + 0.55 * len(labels)), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     image = axes.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")

@@ -106,9 +106,25 @@ class ContinualMethod:
         """The model that answers `task`'s test prompts."""
         return ctx.model
 
+    def eval_routes(self, ctx: MethodContext, task: Task) -> list[str] | None:
+        """Per-instance routing: the route (adapter, group, expert) of each test example, or None.
+
+        When a method returns routes, evaluation answers the instances of each route together after
+        `activate_route`, and records the route of every instance in the predictions file.
+        """
+        return None
+
+    def activate_route(self, ctx: MethodContext, route: str) -> nn.Module:
+        """Prepare the model to answer the instances routed to `route`; returns the model to use."""
+        return ctx.model
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume after a task (saved in tasks/<k>-<name>/method_state.pt)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what state_dict returned."""
+
+    def restore(self, ctx: MethodContext) -> None:
+        """After a checkpoint's weights and this method's state are loaded: re-apply model-side state
+        (which adapters are active or trainable, routing) for the task the checkpoint ended."""

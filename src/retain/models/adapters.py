@@ -77,15 +77,31 @@ def save_trainable(model: nn.Module, path: str) -> None:
 
 
 def load_trainable(model: nn.Module, path: str) -> None:
-    """Load what `save_trainable` wrote back into the model (in place)."""
+    """Load what `save_trainable` wrote back into the model (in place).
+
+    For PEFT models the checkpoint decides which adapters exist: adapters it holds that the model lacks
+    are created from their saved config, and adapters the model has beyond it are deleted, so loading
+    the checkpoint of task k restores exactly the adapters that existed after task k.
+    """
     model = unwrap(model)
     if isinstance(model, PeftModel):
-        for name in model.peft_config:
-            folder = path if name == "default" else os.path.join(path, name)
-            file = os.path.join(folder, "adapter_model.safetensors")
-            if not os.path.isfile(file):
-                raise RetainError(f"checkpoint {path} has no adapter '{name}' ({file} is missing)")
-            set_peft_model_state_dict(model, load_file(file), adapter_name=name)
+        saved = {"default": path} if os.path.isfile(os.path.join(path, "adapter_config.json")) else {}
+        for entry in sorted(os.listdir(path)) if os.path.isdir(path) else []:
+            if os.path.isfile(os.path.join(path, entry, "adapter_config.json")):
+                saved[entry] = os.path.join(path, entry)
+        if not saved:
+            raise RetainError(f"checkpoint {path} holds no PEFT adapter (adapter_config.json is missing)")
+        for name in [n for n in model.peft_config if n not in saved]:
+            model.delete_adapter(name)
+        active = list(model.active_adapters)
+        for name, folder in saved.items():
+            if name not in model.peft_config:
+                model.add_adapter(name, LoraConfig.from_pretrained(folder))
+            set_peft_model_state_dict(
+                model, load_file(os.path.join(folder, "adapter_model.safetensors")), adapter_name=name
+            )
+        keep = [n for n in active if n in model.peft_config] or [next(iter(model.peft_config))]
+        model.base_model.set_adapter(keep)
         return
     file = os.path.join(path, "model.safetensors")
     if not os.path.isfile(file):
@@ -96,3 +112,52 @@ def load_trainable(model: nn.Module, path: str) -> None:
         raise RetainError(
             f"checkpoint {path} does not match the model (missing {missing[:3]}, extra {unexpected[:3]})"
         )
+
+
+# --- several adapters (O-LoRA, LCIA, ConPET, ...): built on PEFT's multi-adapter API -----------------
+
+
+def peft_model(model: nn.Module) -> PeftModel:
+    """The PeftModel inside `model`; a clear error for full fine-tuning."""
+    inner = unwrap(model)
+    if not isinstance(inner, PeftModel):
+        raise RetainError("this method needs LoRA adapters; set model.finetuning_type: lora")
+    return inner
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The LoRA adapters of the model (empty for full fine-tuning)."""
+    inner = unwrap(model)
+    return list(inner.peft_config) if isinstance(inner, PeftModel) else []
+
+
+def add_adapter(model: nn.Module, name: str, init_from: str | None = None) -> None:
+    """Add a LoRA adapter with the same settings as 'default'; optionally start from another's weights."""
+    inner = peft_model(model)
+    inner.add_adapter(name, inner.peft_config["default"])
+    if init_from is not None:
+        copy_adapter(model, init_from, name)
+
+
+def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The parameters of one adapter, keyed by their full parameter names."""
+    marker = f".{name}."
+    return {n: p for n, p in unwrap(model).named_parameters() if marker in n and "lora_" in n}
+
+
+def copy_adapter(model: nn.Module, source: str, target: str) -> None:
+    """Copy adapter `source`'s weights into adapter `target` (same shapes)."""
+    src = adapter_state(model, source)
+    dst = adapter_state(model, target)
+    with torch.no_grad():
+        for name, param in dst.items():
+            param.copy_(src[name.replace(f".{target}.", f".{source}.")])
+
+
+def activate_adapters(model: nn.Module, active: list[str], trainable: list[str]) -> None:
+    """Make `active` adapters take part in the forward and only `trainable` ones receive gradients."""
+    inner = peft_model(model)
+    inner.base_model.set_adapter(active)
+    for name in inner.peft_config:
+        for param in adapter_state(model, name).values():
+            param.requires_grad_(name in trainable)

@@ -27,7 +27,7 @@ from retain.evaluation.evaluate import evaluate_row
 from retain.evaluation.report import build_results, write_report
 from retain.methods.base import ContinualMethod, MethodContext
 from retain.methods.registry import create_method
-from retain.models.adapters import apply_finetuning
+from retain.models.adapters import adapter_names, apply_finetuning
 from retain.models.loading import load_model, load_tokenizer
 from retain.training.run_dir import RunDir
 from retain.training.trainer import ContinualTrainer, FeatureDataset, collate, response_forward
@@ -172,6 +172,8 @@ class Experiment:
             return
         method_state = self.run_dir.load_checkpoint(index, self.unit_name(index), self.model)
         self.method.load_state_dict(method_state)
+        self.ctx.task_index = index
+        self.method.restore(self.ctx)
         self.loaded = index
 
     def checkpoint(self, index: int, log: list[dict]) -> None:
@@ -245,6 +247,7 @@ def _results(plan: Plan, state: dict) -> dict:
         "method_params": config.method.params,
         "seed": config.seed,
         "num_processes": state.get("num_processes", 1),
+        "adapters": state.get("adapters", []),
         "train_sizes": {t.name: len(t.train) for t in plan.tasks},
         "test_sizes": {t.name: len(t.test) for t in plan.tasks},
     }
@@ -300,6 +303,8 @@ def run_experiment(config: RunConfig, *, train: bool = True, evaluate: bool = Tr
                 timings[f"eval_s/{index}"] = round(time.perf_counter() - start, 3)
                 experiment.save_state(state)
         timings["last_session_s"] = round(time.perf_counter() - wall, 3)
+        experiment.restore(len(units))
+        state["adapters"] = adapter_names(experiment.model)
         experiment.save_state(state)
         if not evaluate:
             return None

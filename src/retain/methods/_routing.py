@@ -1,0 +1,145 @@
+"""Shared machinery of the routing methods (ConPET, ABSCL): prompt features and per-instance adapter routes.
+
+Features are read from the frozen base model (every adapter disabled) on exactly the prompt the model
+answers at test time (`encode_prompt`), so the features of a training example stored after task k and
+the features of a test instance computed at evaluation come from the same model and the same text,
+whatever adapters were trained in between. Registers no method.
+
+Routing protocol: a routing method decides one route (a string naming the adapters to activate) per
+test instance with `route(ctx, task)`. Evaluation asks `eval_routes` for them, answers the instances of
+each route together after `activate_route`, and records each instance's route in the predictions file;
+`eval_model` (a caller without per-instance routing) answers the whole task through its most common route.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from retain.data.encode import encode_prompt
+from retain.data.formats import Example
+from retain.errors import RetainError
+from retain.methods.base import ContinualMethod, MethodContext
+from retain.models.adapters import activate_adapters, peft_model, unwrap
+
+POOLS = ("mean", "last")
+ROUTE_SEPARATOR = "+"
+
+
+def check_feature_settings(method: str, pool: str, batch_size: int) -> None:
+    """Validate the feature settings shared by the routing methods' configs."""
+    if pool not in POOLS:
+        raise RetainError(f"config: {method} feature_pool must be one of {', '.join(POOLS)}, got '{pool}'")
+    if batch_size < 1:
+        raise RetainError(f"config: {method} feature_batch_size must be >= 1, got {batch_size}")
+
+
+def _lora_flags(model: nn.Module) -> dict[str, bool]:
+    return {n: p.requires_grad for n, p in unwrap(model).named_parameters() if "lora_" in n}
+
+
+@torch.no_grad()
+def prompt_features(
+    ctx: MethodContext, examples: Sequence[Example], layer: int = -1, pool: str = "mean", batch_size: int = 16
+) -> torch.Tensor:
+    """[N, hidden] fp32 features of the examples' test prompts from the base model with adapters disabled.
+
+    `layer` indexes the model's hidden_states (-1: the last layer's output after the final norm);
+    `pool` is "mean" (mean over the prompt tokens) or "last" (the last prompt token, which in a causal
+    LM has read the whole prompt; token 0 has read nothing but itself).
+    """
+    if not examples:
+        return torch.zeros(0, 0)
+    inner = peft_model(ctx.model)
+    prompts = [encode_prompt(ctx.tokenizer, example) for example in examples]
+    pad = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
+    flags, active = _lora_flags(inner), list(inner.active_adapters)
+    was_training = inner.training
+    inner.eval()
+    out: list[torch.Tensor] = []
+    try:
+        with inner.disable_adapter():
+            for start in range(0, len(prompts), batch_size):
+                chunk = prompts[start : start + batch_size]
+                width = max(len(p) for p in chunk)
+                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for row, prompt in enumerate(chunk):
+                    ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+                    mask[row, width - len(prompt) :] = 1
+                position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+                hidden = inner(
+                    input_ids=ids.to(ctx.device),
+                    attention_mask=mask.to(ctx.device),
+                    position_ids=position_ids.to(ctx.device),
+                    output_hidden_states=True,
+                    logits_to_keep=1,
+                    use_cache=False,
+                ).hidden_states[layer]
+                hidden = hidden.float().cpu()
+                if pool == "last":
+                    out.append(hidden[:, -1])  # left padding: every prompt ends at the last column
+                else:
+                    weights = mask.unsqueeze(-1).float()
+                    out.append((hidden * weights).sum(dim=1) / weights.sum(dim=1))
+    finally:
+        # Re-enabling the adapter layers re-marks the active adapters trainable; put things back as they were.
+        inner.base_model.set_adapter(active)
+        params = dict(inner.named_parameters())
+        for name, flag in flags.items():
+            params[name].requires_grad_(flag)
+        inner.train(was_training)
+    return torch.cat(out)
+
+
+def sample_indices(n: int, k: int, seed: int) -> list[int]:
+    """A seeded subset of k of range(n) (all of them when k <= 0 or k >= n), in increasing order."""
+    if k <= 0 or k >= n:
+        return list(range(n))
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n, generator=generator)[:k].tolist())
+
+
+def most_common(routes: Sequence[str], default: str) -> str:
+    """The most frequent route (the first seen among ties), or `default` for no routes."""
+    return Counter(routes).most_common(1)[0][0] if routes else default
+
+
+class RoutedMethod(ContinualMethod):
+    """A method that answers each test instance with the adapters its route names.
+
+    Subclasses implement `route` (one route per test instance) and `route_adapters` (route -> the adapters
+    it activates); evaluation uses `activate_route` per group of instances sharing a route.
+    """
+
+    supports_full_finetuning = False
+
+    def __init__(self, config=None) -> None:
+        super().__init__(config)
+        self.last_routes: list[str] = []
+
+    def route(self, ctx: MethodContext, task) -> list[str]:
+        """The route (adapter names joined by '+') of every test instance of `task`, in order."""
+        raise NotImplementedError
+
+    def route_adapters(self, name: str) -> list[str]:
+        """The adapters a route activates."""
+        return name.split(ROUTE_SEPARATOR)
+
+    def activate_route(self, ctx: MethodContext, name: str) -> nn.Module:
+        """Activate the adapters of route `name` (all frozen); returns the model to generate with."""
+        activate_adapters(ctx.model, self.route_adapters(name), trainable=[])
+        return ctx.model
+
+    def eval_routes(self, ctx: MethodContext, task) -> list[str]:
+        """Evaluation's per-instance hook: the routes of `task`'s test instances (kept in `last_routes`)."""
+        self.last_routes = self.route(ctx, task)
+        return list(self.last_routes)
+
+    def eval_model(self, ctx: MethodContext, task) -> nn.Module:
+        """Without per-instance routing: the whole task answered through its most common route."""
+        self.last_routes = self.route(ctx, task)
+        return self.activate_route(ctx, most_common(self.last_routes, "default"))

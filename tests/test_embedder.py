@@ -1,0 +1,61 @@
+"""Text similarity for instruction routing: the pairwise TF-IDF cosine and the offline MiniLM embedder."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from retain.errors import RetainError
+from retain.models.embedder import (
+    MiniLMEmbedder,
+    TfidfSimilarity,
+    build_similarity,
+    tfidf_pair_similarity,
+    tfidf_tokens,
+)
+
+
+def test_tfidf_tokens_are_lowercased_words_without_stop_words_or_single_letters():
+    assert tfidf_tokens("Is {} even OR odd? Answer with a B.") == ["even", "odd", "answer"]
+
+
+def test_tfidf_pair_similarity_matches_a_hand_computed_case():
+    # vocabulary (apple, car, red); idf of a word in one text: ln(3/2) + 1, in both: ln(3/3) + 1 = 1
+    one = math.log(1.5) + 1
+    expected = 1.0 / (one**2 + 1.0)  # cos([one, 0, 1], [0, one, 1])
+    assert tfidf_pair_similarity("red apple", "red car") == pytest.approx(expected, abs=1e-12)
+    # repeated words count (raw term frequency): cos([2, 1], [1, 1]) with shared words only
+    assert tfidf_pair_similarity("red red apple", "red apple") == pytest.approx(3 / math.sqrt(10))
+
+
+def test_tfidf_edge_cases_identical_disjoint_and_empty():
+    assert tfidf_pair_similarity("Answer with the number only.", "answer WITH number") == pytest.approx(1.0)
+    assert tfidf_pair_similarity("red apple", "blue car") == 0.0
+    assert tfidf_pair_similarity("the of and", "red apple") == 0.0  # nothing left after stop words
+
+
+def test_tfidf_similarity_matrix_has_one_score_per_pair():
+    scores = TfidfSimilarity().matrix(["red apple", "blue car"], ["red apple", "red car", "green"])
+    assert scores.shape == (2, 3)
+    assert scores[0, 0] == pytest.approx(1.0) and scores[1, 2] == 0.0
+
+
+def test_build_similarity_rejects_unknown_names():
+    assert build_similarity("tfidf").name == "tfidf"
+    with pytest.raises(RetainError, match="unknown similarity 'bert'.*tfidf, minilm"):
+        build_similarity("bert")
+
+
+def test_minilm_embeds_offline_and_ranks_a_paraphrase_above_an_unrelated_prompt(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    embedder = MiniLMEmbedder()
+    vectors = embedder.encode(["Is {} even or odd?", "Say whether {} is an odd or an even number."])
+    assert vectors.shape == (2, 384)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    scores = embedder.matrix(
+        ["Is {} even or odd? Answer with even or odd."],
+        ["Say whether {} is an odd or an even number.", "Translate {} into French."],
+    )
+    assert scores[0, 0] > scores[0, 1] + 0.2
