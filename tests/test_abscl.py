@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from retain.config import config_from_dict
-from retain.methods.abscl import ABSCL, ABSCLConfig, orthogonal_loss
+from retain.methods.abscl import ABSCL, ABSCLConfig, mahalanobis_domains
 from retain.models.adapters import adapter_state, peft_model
 from retain.training.loop import run_experiment
 
@@ -46,14 +46,14 @@ def test_orthogonality_loss_is_positive_and_falls_and_the_l2_acts_on_the_shared_
         optimizer.zero_grad()
         method.loss(ctx, ctx.model, batch, ctx.forward(ctx.model, batch)).backward()
         optimizer.step()
-    orth = ctx.logged["abscl/orthogonal"]
+    orth = [float(v) for v in ctx.logged["abscl/orthogonal"]]
     assert orth[0] > 0 and orth[-1] < 0.7 * orth[0]
     # The overlap moves only the domain adapter; the L2 term only the shared one.
     optimizer.zero_grad()
-    orthogonal_loss(ctx.model, "default", "domain1").backward()
+    method.orthogonal().backward()
     assert all(p.grad is None for p in adapter_state(ctx.model, "default").values())
     optimizer.zero_grad()
-    method.shared_l2(ctx.model).backward()
+    method.shared_l2().backward()
     assert all(p.grad is None for p in adapter_state(ctx.model, "domain1").values())
     assert all(
         p.grad is not None and p.grad.abs().sum() > 0 for p in adapter_state(ctx.model, "default").values()
@@ -80,3 +80,13 @@ def test_abscl_run_freezes_old_domains_replays_and_saves_statistics_per_task(tmp
     for task, domain in (("parity", "domain1"), ("capital_letters", "domain2")):
         with open(os.path.join(tmp_path, "run", "eval", "2", f"{task}.jsonl"), encoding="utf-8") as handle:
             assert [json.loads(line)["route"] for line in handle] == [domain] * 6
+
+
+def test_mahalanobis_expansion_matches_the_direct_distance():
+    generator = torch.Generator().manual_seed(0)
+    features, means = torch.randn(7, 5, generator=generator), torch.randn(3, 5, generator=generator)
+    root = torch.randn(5, 5, generator=generator)
+    precision = root @ root.T + torch.eye(5)
+    diff = features.double()[:, None] - means.double()[None]
+    direct = torch.einsum("ntd,de,nte->nt", diff, precision.double(), diff).argmin(dim=1)
+    assert torch.equal(mahalanobis_domains(features, means, precision), direct)

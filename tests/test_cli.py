@@ -257,7 +257,7 @@ def test_a_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
 
 
 def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path):
-    config = write_config(tmp_path, train={"max_steps": 200}, stream={"train_size": 64})
+    config = write_config(tmp_path, train={"max_steps": 5000}, stream={"train_size": 64})
     run = tmp_path / "run"
     first = _start(config)
     try:

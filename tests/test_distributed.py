@@ -21,7 +21,7 @@ from .test_cli import write_config
 pytestmark = pytest.mark.distributed
 
 
-@pytest.mark.parametrize("method", ["sequential", "replay", "ewc"])
+@pytest.mark.parametrize("method", ["sequential", "replay", "ewc", "olora", "ilora", "lcia", "clmoe", "gem"])
 def test_torchrun_two_processes_runs_the_same_config(tmp_path, method):
     params = {"fisher_samples": 8} if method == "ewc" else {}
     config = write_config(tmp_path, method=method, params=params)

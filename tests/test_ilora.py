@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from retain.config import config_from_dict
-from retain.methods.ilora import ILoRA, ILoRAConfig
+from retain.methods.ilora import ILoRA, ILoRAConfig, consistency_loss
 from retain.models.adapters import adapter_state, peft_model, trainable_parameters
 from retain.training.loop import run_experiment
 
@@ -44,7 +44,7 @@ def test_the_slow_adapter_moves_every_step_to_an_interpolation_of_its_old_value_
         }
         method.after_optimizer_step(ctx, ctx.model)
         a = min(1 - 1 / (step + 1), 0.6)  # warm-up 0.5, then ema_alpha
-        assert ctx.logged["ilora/ema_alpha"][-1] == a
+        assert float(ctx.logged["ilora/ema_alpha"][-1]) == a
         assert any(not torch.equal(new, old[n]) for n, new in slow.items()), f"step {step}: no change"
         for n, new in slow.items():
             # it moves wherever the fast weights are elsewhere (step 1: A gets no gradient while B = 0)
@@ -71,13 +71,13 @@ def test_consistency_loss_appears_once_the_buffer_holds_samples_and_fast_and_slo
     method.before_task(ctx, tasks[1])
     batch = ctx.collate(ctx.encode(tasks[1].train[:4]))
     method.loss(ctx, ctx.model, batch, ctx.forward(ctx.model, batch))
-    assert ctx.logged["ilora/consistency"][-1] == 0.0  # slow == fast (copied at setup)
+    assert float(ctx.logged["ilora/consistency"][-1]) == 0.0  # slow == fast (copied at setup)
     with torch.no_grad():
         for p in adapter_state(ctx.model, "default").values():
             p.add_(0.3 * torch.randn_like(p))
     outputs = ctx.forward(ctx.model, batch)
     total = method.loss(ctx, ctx.model, batch, outputs)
-    cons, ce = ctx.logged["ilora/consistency"][-1], ctx.logged["ilora/buffer_ce"][-1]
+    cons, ce = float(ctx.logged["ilora/consistency"][-1]), float(ctx.logged["ilora/buffer_ce"][-1])
     assert cons > 0 and ce > 0
     assert abs(total.item() - ((outputs.loss.item() + ce) / 2 + cons)) < 1e-4
     # the consistency term alone has a gradient on the fast adapter, none on the slow one
@@ -91,6 +91,19 @@ def test_consistency_loss_appears_once_the_buffer_holds_samples_and_fast_and_slo
     restored = ILoRA(ILoRAConfig(buffer_size=10))
     restored.load_state_dict(method.state_dict())
     assert restored.memory == method.memory
+
+
+def test_consistency_pulls_the_fast_states_up_to_the_slow_ones_only_where_they_are_below():
+    mask = torch.tensor([[True]])
+    above = consistency_loss((torch.full((1, 1, 1), 2.0),), (torch.full((1, 1, 1), 1.0),), mask)
+    below = consistency_loss((torch.full((1, 1, 1), 0.0),), (torch.full((1, 1, 1), 1.0),), mask)
+    assert float(above) == 0.0  # h_f = 2 > h_s = 1: the target max(h_f, h_s) is h_f itself
+    assert float(below) == 1.0  # h_f = 0 < h_s = 1: (0 - 1)^2
+    # per element, over the masked positions only, averaged over layers
+    fast = (torch.tensor([[[0.0, 3.0], [9.0, 9.0]]]), torch.tensor([[[1.0, 1.0], [9.0, 9.0]]]))
+    slow = (torch.tensor([[[2.0, 1.0], [0.0, 0.0]]]), torch.tensor([[[1.0, 3.0], [0.0, 0.0]]]))
+    loss = consistency_loss(fast, slow, torch.tensor([[True, False]]))
+    assert float(loss) == ((4 + 0) / 2 + (0 + 4) / 2) / 2
 
 
 def test_evaluation_uses_the_slow_adapter(tmp_path):

@@ -242,3 +242,48 @@ def test_gradient_accumulation_counts_a_penalty_once_per_optimizer_step(tmp_path
     (grads,) = method.grads
     # d/dp sum p^2 = 2p = 0.2, whatever the number of micro-batches.
     assert all(torch.allclose(g, torch.full_like(g, 0.2)) for g in grads.values())
+
+
+class _GradientSpy(ContinualMethod):
+    """Records the gradient norm the hook sees, to check it runs once per step and before clipping."""
+
+    def __init__(self):
+        super().__init__()
+        self.norms = []
+
+    def before_optimizer_step(self, ctx, model):
+        grads = [p.grad for p in trainable_parameters(model).values() if p.grad is not None]
+        self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1e-3])
+def test_before_optimizer_step_runs_once_per_step_on_the_unclipped_gradient(tmp_path, max_grad_norm):
+    from transformers import TrainingArguments
+
+    ctx, tasks = tiny_context(tmp_path)
+    method = _GradientSpy()
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "t"),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=3,
+        learning_rate=0.0,
+        report_to=[],
+        use_cpu=True,
+        remove_unused_columns=False,
+        save_strategy="no",
+        max_grad_norm=max_grad_norm,
+        disable_tqdm=True,
+    )
+    trainer = ContinualTrainer(
+        model=ctx.model,
+        args=args,
+        train_dataset=FeatureDataset(ctx.encode(tasks[0].train)),
+        data_collator=ctx.collate,
+        method=method,
+        ctx=ctx,
+    )
+    trainer.train()
+    assert len(method.norms) == 3
+    # A tiny clipping threshold would show as norms of 1e-3 if the hook ran after clipping.
+    assert all(n > 10 * 1e-3 for n in method.norms)

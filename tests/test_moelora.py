@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from retain.errors import RetainError
+from retain.methods._moe import balance_loss
 from retain.methods.moelora import MoELoRA, MoELoRAConfig
 from retain.models.adapters import trainable_parameters
 
@@ -92,15 +93,27 @@ def test_balance_loss_is_off_by_default_and_added_when_asked(tmp_path):
     outputs = ctx.forward(ctx.model, batch)
     assert method.loss(ctx, ctx.model, batch, outputs) is outputs.loss
     ctx2, _, balanced = _setup(tmp_path / "b", balance_coef=0.5)
+    with torch.no_grad():
+        for router in balanced.moe.routers:
+            router.weight.zero_()  # uniform routing: P_i = 1/E, every token's argmax is expert 0
     ctx2.model.train()
     outputs = ctx2.forward(ctx2.model, batch)
     total = balanced.loss(ctx2, ctx2.model, batch, outputs)
-    assert float(total.detach()) > float(outputs.loss.detach())  # E * sum f_i P_i >= 1
-    assert ctx2.logged["moelora/balance"]
+    # E * sum_i f_i P_i = 4 * (1 * 1/4) = 1 in every layer, so the term is exactly 1
+    assert float(ctx2.logged["moelora/balance"][-1]) == pytest.approx(1.0, abs=1e-6)
+    assert float(total.detach()) == pytest.approx(float(outputs.loss.detach()) + 0.5, abs=1e-6)
+
+
+def test_balance_loss_value_for_uniform_and_for_collapsed_routing():
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    uniform = torch.full((1, 3, 4), 0.25)
+    assert float(balance_loss(uniform, mask)) == pytest.approx(1.0)
+    collapsed = torch.tensor([[[1.0, 0, 0, 0], [1.0, 0, 0, 0], [0, 0, 0, 1.0]]])  # padding row ignored
+    assert float(balance_loss(collapsed, mask)) == pytest.approx(4.0)  # 4 * (1 * 1)
 
 
 def test_routers_and_statistics_survive_a_checkpoint_and_routes_are_recorded(tmp_path):
-    ctx, tasks, method = _setup(tmp_path)
+    ctx, tasks, method = _setup(tmp_path, record_routes=True)
     with torch.no_grad():
         for router in method.moe.routers:
             router.weight.normal_()
@@ -124,6 +137,7 @@ def test_routers_and_statistics_survive_a_checkpoint_and_routes_are_recorded(tmp
     routes = method.eval_routes(ctx, tasks[0])
     assert len(routes) == len(tasks[0].test) and all(r.startswith("expert") for r in routes)
     assert method.eval_model(ctx, tasks[0]) is ctx.model
+    assert MoELoRA().eval_routes(ctx, tasks[0]) is None  # off by default: generation stays in one batch
 
 
 def test_rank_must_split_evenly_into_experts(tmp_path):

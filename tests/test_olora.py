@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from retain.config import config_from_dict
 from retain.methods.olora import OLoRA, OLoRAConfig
 from retain.methods.registry import register
-from retain.models.adapters import adapter_state, peft_model, trainable_parameters
+from retain.models.adapters import adapter_norm, adapter_state, peft_model, trainable_parameters
 from retain.training.loop import run_experiment
 
 from .helpers import tiny_config, tiny_context
@@ -32,12 +33,12 @@ def test_orthogonality_term_shrinks_while_training_task2_and_only_the_new_adapte
     for _ in range(6):
         optimizer.zero_grad()
         loss = method.loss(ctx, ctx.model, batch, ctx.forward(ctx.model, batch))
-        orth.append(ctx.logged["olora/orth"][-1])
+        orth.append(float(ctx.logged["olora/orth"][-1]))
         loss.backward()
         optimizer.step()
     assert orth[0] > 0 and orth[-1] < 0.5 * orth[0]
     assert all(b < a for a, b in zip(orth, orth[1:], strict=False))
-    assert ctx.logged["olora/l2"] and ctx.logged["olora/l2"][-1] > 0
+    assert "olora/l2" not in ctx.logged  # lamda_2 = 0: the norm is not even computed
     assert all(torch.equal(p, old[n]) for n, p in adapter_state(ctx.model, "default").items())
 
 
@@ -49,7 +50,25 @@ def test_l2_term_enters_the_loss_when_lamda_2_is_set(tmp_path):
     batch = ctx.collate(ctx.encode(tasks[1].train[:2]))
     outputs = ctx.forward(ctx.model, batch)
     total = method.loss(ctx, ctx.model, batch, outputs)
-    assert total.item() > outputs.loss.item() + 0.5 * ctx.logged["olora/l2"][-1] - 1e-4
+    l2 = float(ctx.logged["olora/l2"][-1])
+    assert l2 == pytest.approx(float(adapter_norm(ctx.model, "task2").detach()), rel=1e-6) and l2 > 0
+    assert float(total.detach()) == pytest.approx(float(outputs.loss.detach()) + 0.5 * l2, rel=1e-6)
+
+
+def test_the_trainable_adapter_is_the_task_s_own_whatever_the_adapter_order(tmp_path):
+    ctx, tasks = tiny_context(tmp_path, "olora")
+    method = OLoRA()
+    ctx.task_index = 2
+    method.before_task(ctx, tasks[1])
+    # a checkpoint may list the adapters in another order; the task index decides which one trains
+    peft_model(ctx.model).base_model.set_adapter(["task2", "default"])
+    ctx.task_index = 1
+    method.restore(ctx)
+    assert set(trainable_parameters(ctx.model)) == set(adapter_state(ctx.model, "default"))
+    ctx.task_index = 2
+    method.restore(ctx)
+    assert set(trainable_parameters(ctx.model)) == set(adapter_state(ctx.model, "task2"))
+    assert set(peft_model(ctx.model).active_adapters) == {"default", "task2"}
 
 
 ACTIVE_AT_EVAL: list[list[str]] = []

@@ -49,7 +49,7 @@ def evaluate_row(
 ) -> list[float]:
     """Score every task's test set; write one JSONL of predictions per task; return the mean scores."""
     scores_row = []
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     for task, out_file in zip(ctx.tasks, out_files, strict=True):
         prompts = [encode_prompt(ctx.tokenizer, example) for example in task.test]
         routes = method.eval_routes(ctx, task)

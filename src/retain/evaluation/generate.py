@@ -1,14 +1,16 @@
-"""Batched greedy generation for evaluation: left padding, KV cache, eos and stop strings.
+"""Batched generation (evaluation, pseudo-sample synthesis): left padding, KV cache, eos and stop strings.
 
 Prompts are token ids (already formatted with the chat template). They are sorted longest first so that
 each batch holds prompts of similar length and little compute goes to padding; the answers come back in
 the prompts' order. Greedy decoding with left padding and an attention mask gives the same answers as
-generating one prompt at a time, which the tests check.
+generating one prompt at a time, which the tests check. Sampling (`do_sample=True`, for methods that
+synthesize rehearsal data) is seeded: the same prompts, batch size and seed give the same samples.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -40,6 +42,45 @@ def _device(model: Any) -> torch.device:
     return device if isinstance(device, torch.device) else next(model.parameters()).device
 
 
+def _decoding_options(
+    do_sample: bool,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    repetition_penalty: float | None,
+) -> dict[str, Any]:
+    """Keyword arguments for `model.generate`: greedy, or sampling with exactly the cuts asked for."""
+    options: dict[str, Any] = {"do_sample": False}
+    if do_sample:
+        if temperature <= 0:
+            raise RetainError(f"generation: temperature is {temperature}; sampling needs a temperature > 0")
+        if top_k is not None and top_k < 1:
+            raise RetainError(f"generation: top_k is {top_k}; set it to 1 or more, or None for no cut")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise RetainError(f"generation: top_p is {top_p}; set it in (0, 1], or None for no cut")
+        # Explicit values override what the model's generation_config would add (often top_k=50).
+        options = {"do_sample": True, "temperature": temperature, "top_k": top_k or 0, "top_p": top_p or 1.0}
+    if repetition_penalty is not None:
+        if repetition_penalty <= 0:
+            raise RetainError(f"generation: repetition_penalty is {repetition_penalty}; it must be > 0")
+        options["repetition_penalty"] = repetition_penalty
+    return options
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Seed torch's generators for the block and give the caller's random state back afterwards."""
+    if seed is None:
+        yield
+        return
+    on_device = device.type != "cpu"
+    with torch.random.fork_rng(
+        devices=[device] if on_device else [], device_type=device.type if on_device else None
+    ):
+        torch.manual_seed(seed)
+        yield
+
+
 def generate(
     model: Any,
     tokenizer: Any,
@@ -49,16 +90,29 @@ def generate(
     stop_strings: Sequence[str] = (),
     progress: bool = True,
     desc: str = "generating",
+    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
 ) -> list[str]:
-    """Greedy answers to tokenized prompts, in the prompts' order, cut at eos and at the stop strings.
+    """Answers to tokenized prompts, in the prompts' order, cut at eos and at the stop strings.
 
-    Works with any model that has `.generate` (transformers models, PEFT-wrapped models). The model is
-    put in eval mode for the call and back in train mode afterwards if it was training.
+    Greedy by default. With `do_sample=True` tokens are sampled at `temperature`, restricted to the
+    `top_k` most likely (None: no top-k cut) and to the `top_p` nucleus (None: none); the model's own
+    generation_config does not add other cuts. `seed` seeds the sampling without touching the caller's
+    random state (torch's global generator is forked for the call); `repetition_penalty` (> 1 discourages
+    repeats) applies to both modes. Works with any model that has `.generate` (transformers models,
+    PEFT-wrapped models). The model is put in eval mode for the call and back in train mode afterwards if
+    it was training.
     """
     if max_new_tokens < 1:
         raise RetainError(f"generation: max_new_tokens is {max_new_tokens}; set it to 1 or more")
     if batch_size < 1:
         raise RetainError(f"generation: batch_size is {batch_size}; set it to 1 or more")
+    decoding = _decoding_options(do_sample, temperature, top_k, top_p, repetition_penalty)
     for index, prompt in enumerate(prompts):
         if len(prompt) == 0:
             raise RetainError(
@@ -75,6 +129,7 @@ def generate(
     model.eval()
     try:
         with (
+            _seeded(seed, device),
             torch.inference_mode(),
             tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, leave=False) as bar,
         ):
@@ -91,8 +146,8 @@ def generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),
                     max_new_tokens=max_new_tokens,
-                    do_sample=False,
                     use_cache=True,
+                    **decoding,
                     eos_token_id=eos_ids or None,
                     pad_token_id=pad_id,
                 )

@@ -15,17 +15,23 @@ This module registers no method: `MoEMethod` is the common base of the registere
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from retain.data.encode import encode_prompt
+from retain.data.formats import Example
 from retain.errors import RetainError
+from retain.methods._routing import prompt_batches
 from retain.methods.base import ContinualMethod, MethodContext, StepOutputs
 from retain.models.adapters import peft_model
+
+if TYPE_CHECKING:
+    from retain.data.streams import Task
 
 ADAPTER = "default"
 
@@ -87,14 +93,16 @@ class LoRAExperts:
         self.beta = 1.0  # weight of the instance-level gates when task_gates are set
         self.aux: list[torch.Tensor] = []
         self.profile: list[torch.Tensor] | None = None  # per-row mean gates while recording routes
-        # On the model's device: accumulating them never waits for the accelerator.
+        # On the model's device: accumulating them never waits for the accelerator. Exact counts (int64);
+        # the gate mass in float64 where the device has it.
         device = self.routers[0].weight.device
-        self.counts = torch.zeros(len(self.layers), num_experts, device=device)
-        self.mass = torch.zeros(len(self.layers), num_experts, device=device)
-        self.handles = [inner.base_model.model.register_forward_pre_hook(self._catch_mask, with_kwargs=True)]
+        self.counts = torch.zeros(len(self.layers), num_experts, device=device, dtype=torch.int64)
+        wide = torch.float32 if device.type == "mps" else torch.float64
+        self.mass = torch.zeros(len(self.layers), num_experts, device=device, dtype=wide)
+        inner.base_model.model.register_forward_pre_hook(self._catch_mask, with_kwargs=True)
         for index, module in enumerate(self.layers):
-            self.handles.append(module.register_forward_pre_hook(self._router_hook(index)))
-            self.handles.append(module.lora_B[adapter].register_forward_pre_hook(self._gate_hook(index)))
+            module.register_forward_pre_hook(self._router_hook(index))
+            module.lora_B[adapter].register_forward_pre_hook(self._gate_hook(index))
         self.ensure_trainable()
 
     # --- hooks -----------------------------------------------------------------------------------------
@@ -125,7 +133,7 @@ class LoRAExperts:
             gates = self.beta * gates + (1.0 - self.beta) * self.task_gates[index].to(gates.device)
         return gates, probs
 
-    def _router_hook(self, index: int):
+    def _router_hook(self, index: int) -> Callable[[nn.Module, tuple], None]:
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
             gates, probs = self.route(index, x)
@@ -135,7 +143,7 @@ class LoRAExperts:
 
         return hook
 
-    def _gate_hook(self, index: int):
+    def _gate_hook(self, index: int) -> Callable[[nn.Module, tuple], tuple]:
         def hook(module: nn.Module, args: tuple) -> tuple:
             hidden = args[0]
             scale = self.gates[index].to(hidden.dtype).repeat_interleave(self.chunk, dim=-1)
@@ -143,17 +151,17 @@ class LoRAExperts:
 
         return hook
 
-    def _observe(self, index: int, x: torch.Tensor, gates: torch.Tensor, probs: torch.Tensor, train: bool):
+    def _observe(
+        self, index: int, x: torch.Tensor, gates: torch.Tensor, probs: torch.Tensor, train: bool
+    ) -> None:
         mask = self._token_mask(x)
         if train:
             with torch.no_grad():
                 ids = gates.topk(self.stats_top_k, dim=-1).indices
-                weights = mask.unsqueeze(-1).expand_as(ids)
-                counts = torch.zeros(self.num_experts, device=x.device)
-                counts.index_add_(0, ids.reshape(-1), weights.reshape(-1))
+                weights = mask.unsqueeze(-1).expand_as(ids).to(torch.int64)
+                self.counts[index].index_add_(0, ids.reshape(-1), weights.reshape(-1).to(self.counts.device))
                 mass = (gates.detach() * mask.unsqueeze(-1)).reshape(-1, self.num_experts).sum(0)
-                self.counts[index] += counts
-                self.mass[index] += mass
+                self.mass[index] += mass.to(self.mass.device, self.mass.dtype)
             if self.balance:
                 self.aux.append(balance_loss(probs, mask))
         if self.profile is not None:
@@ -210,19 +218,16 @@ class LoRAExperts:
         ]
 
     @torch.no_grad()
-    def instance_profiles(self, ctx: MethodContext, examples: list, batch_size: int = 16) -> torch.Tensor:
+    def instance_profiles(
+        self, ctx: MethodContext, examples: Sequence[Example], batch_size: int = 16
+    ) -> torch.Tensor:
         """(N, L, E): each example's mean gates over its prompt tokens, per layer (one prompt forward)."""
         model = ctx.model
         was_training = model.training
         model.eval()
         rows = []
         try:
-            for start in range(0, len(examples), batch_size):
-                features = []
-                for example in examples[start : start + batch_size]:
-                    ids = encode_prompt(ctx.tokenizer, example)
-                    features.append({"input_ids": ids, "labels": [-100] * len(ids)})
-                batch = {k: v.to(ctx.device) for k, v in ctx.collate(features).items()}
+            for batch in prompt_batches(ctx, examples, batch_size):
                 self.profile = [None] * len(self.layers)
                 model(
                     input_ids=batch["input_ids"],
@@ -239,11 +244,13 @@ class LoRAExperts:
             return torch.zeros(0, len(self.layers), self.num_experts)
         return torch.cat(rows)
 
-    def remove(self) -> None:
-        """Detach the hooks (the routers stay registered on the layers)."""
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
+    def reduced_counts(self) -> torch.Tensor:
+        """The usage counts (int64, on the CPU), summed over all processes when torch.distributed runs:
+        every rank then picks the same top experts and merges identically."""
+        counts = self.counts.detach().clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        return counts.cpu()
 
 
 def balance_loss(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -275,7 +282,6 @@ class MoEMethod(ContinualMethod):
         self.moe: LoRAExperts | None = None
         self.pending: dict[str, torch.Tensor] | None = None
         self.usage: dict[str, torch.Tensor] = {}  # task name -> (L, E) top-k counts while training it
-        self.last_routes: list[str] = []
 
     def setup(self, ctx: MethodContext) -> None:
         self.moe = LoRAExperts(
@@ -289,43 +295,46 @@ class MoEMethod(ContinualMethod):
             self.moe.load_router_state(self.pending)
             self.pending = None
 
-    def before_task(self, ctx: MethodContext, task) -> None:
+    def before_task(self, ctx: MethodContext, task: Task) -> None:
         self.moe.set_task_gates(None)
         self.moe.reset_statistics()
         self.moe.ensure_trainable()
 
-    def loss(self, ctx: MethodContext, model, batch: dict, outputs: StepOutputs) -> torch.Tensor:
+    def loss(self, ctx: MethodContext, model: nn.Module, batch: dict, outputs: StepOutputs) -> torch.Tensor:
         aux = self.moe.pop_balance_loss()
         if aux is None:
             return outputs.loss
         ctx.log(f"{self.prefix}/balance", aux)
         return outputs.loss + self.config.balance_coef * aux
 
-    def record_usage(self, ctx: MethodContext, task) -> torch.Tensor:
-        """Store and log the task's expert usage (share of top-k selections per expert, all layers)."""
-        counts = self.moe.counts.detach().cpu().clone()
+    def record_usage(self, ctx: MethodContext, task: Task) -> torch.Tensor:
+        """Store and log the task's expert usage (share of top-k selections per expert, all layers), with
+        the counts summed over all processes."""
+        counts = self.moe.reduced_counts()
         self.usage[task.name] = counts
-        share = counts.sum(0) / counts.sum().clamp(min=1.0)
+        share = counts.sum(0).double() / counts.sum().clamp(min=1)
         for expert, value in enumerate(share.tolist()):
             ctx.log(f"{self.prefix}/expert{expert}_share", value)
         return counts
 
-    def prepare_eval(self, ctx: MethodContext, task) -> None:
+    def prepare_eval(self, ctx: MethodContext, task: Task) -> None:
         """Set the model's routing for answering `task` (CL-MoE blends in the task-level router)."""
 
-    def eval_routes(self, ctx: MethodContext, task) -> list[str] | None:
-        """Per test instance of `task` (in order): the expert its prompt tokens weighted most, over all
-        layers (one prompt-only forward). The routing itself is soft and per token, so every route is
-        answered by the same model; the route is a record of where each instance went."""
+    def eval_routes(self, ctx: MethodContext, task: Task) -> list[str] | None:
+        """With `record_routes`, per test instance of `task` (in order): the expert its prompt tokens
+        weighted most, over all layers (one prompt-only forward); otherwise None.
+
+        The routing itself is soft and per token, so every route is answered by the same model; the route
+        is only a record of where each instance went. It is off by default because evaluation answers
+        each route's instances as a separate group, which splits the generation batches.
+        """
         self.prepare_eval(ctx, task)
-        self.last_routes = []
         if not self.config.record_routes or not task.test:
             return None
         profiles = self.moe.instance_profiles(ctx, task.test, ctx.config.eval.batch_size)
-        self.last_routes = [f"expert{int(i)}" for i in profiles.mean(1).argmax(-1)]
-        return list(self.last_routes)
+        return [f"expert{int(i)}" for i in profiles.mean(1).argmax(-1)]
 
-    def eval_model(self, ctx: MethodContext, task) -> nn.Module:
+    def eval_model(self, ctx: MethodContext, task: Task) -> nn.Module:
         self.prepare_eval(ctx, task)
         return ctx.model
 

@@ -1,4 +1,4 @@
-"""Shared machinery of the routing methods (ConPET, ABSCL): prompt features and per-instance adapter routes.
+"""Shared machinery of the routing methods (ConPET, ABSCL, LCIA): prompt features, per-instance routes.
 
 Features are read from the frozen base model (every adapter disabled) on exactly the prompt the model
 answers at test time (`encode_prompt`), so the features of a training example stored after task k and
@@ -13,8 +13,11 @@ each route together after `activate_route`, and records each instance's route in
 
 from __future__ import annotations
 
+import logging
+import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,6 +27,12 @@ from retain.data.formats import Example
 from retain.errors import RetainError
 from retain.methods.base import ContinualMethod, MethodContext
 from retain.models.adapters import activate_adapters, peft_model, unwrap
+
+if TYPE_CHECKING:
+    from retain.data.streams import Task
+
+logger = logging.getLogger(__name__)
+IGNORE = -100  # label of a position that is not learned (as in training/trainer.py)
 
 POOLS = ("mean", "last")
 ROUTE_SEPARATOR = "+"
@@ -41,6 +50,19 @@ def _lora_flags(model: nn.Module) -> dict[str, bool]:
     return {n: p.requires_grad for n, p in unwrap(model).named_parameters() if "lora_" in n}
 
 
+def prompt_batches(
+    ctx: MethodContext, examples: Sequence[Example], batch_size: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The examples' test prompts (`encode_prompt`), batched by `ctx.collate` (left padding, position ids)
+    and moved to the model's device, `batch_size` at a time."""
+    for start in range(0, len(examples), batch_size):
+        features = []
+        for example in examples[start : start + batch_size]:
+            ids = encode_prompt(ctx.tokenizer, example)
+            features.append({"input_ids": ids, "labels": [IGNORE] * len(ids)})
+        yield {k: v.to(ctx.device) for k, v in ctx.collate(features).items()}
+
+
 @torch.no_grad()
 def prompt_features(
     ctx: MethodContext, examples: Sequence[Example], layer: int = -1, pool: str = "mean", batch_size: int = 16
@@ -54,27 +76,17 @@ def prompt_features(
     if not examples:
         return torch.zeros(0, 0)
     inner = peft_model(ctx.model)
-    prompts = [encode_prompt(ctx.tokenizer, example) for example in examples]
-    pad = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
     flags, active = _lora_flags(inner), list(inner.active_adapters)
     was_training = inner.training
     inner.eval()
     out: list[torch.Tensor] = []
     try:
         with inner.disable_adapter():
-            for start in range(0, len(prompts), batch_size):
-                chunk = prompts[start : start + batch_size]
-                width = max(len(p) for p in chunk)
-                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for row, prompt in enumerate(chunk):
-                    ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-                    mask[row, width - len(prompt) :] = 1
-                position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+            for batch in prompt_batches(ctx, examples, batch_size):
                 hidden = inner(
-                    input_ids=ids.to(ctx.device),
-                    attention_mask=mask.to(ctx.device),
-                    position_ids=position_ids.to(ctx.device),
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"],
                     output_hidden_states=True,
                     logits_to_keep=1,
                     use_cache=False,
@@ -83,7 +95,7 @@ def prompt_features(
                 if pool == "last":
                     out.append(hidden[:, -1])  # left padding: every prompt ends at the last column
                 else:
-                    weights = mask.unsqueeze(-1).float()
+                    weights = batch["attention_mask"].cpu().unsqueeze(-1).float()
                     out.append((hidden * weights).sum(dim=1) / weights.sum(dim=1))
     finally:
         # Re-enabling the adapter layers re-marks the active adapters trainable; put things back as they were.
@@ -95,12 +107,11 @@ def prompt_features(
     return torch.cat(out)
 
 
-def sample_indices(n: int, k: int, seed: int) -> list[int]:
-    """A seeded subset of k of range(n) (all of them when k <= 0 or k >= n), in increasing order."""
+def sample_indices(n: int, k: int, rng: random.Random) -> list[int]:
+    """A random subset of k of range(n) drawn with `rng` (all of them when k <= 0 or k >= n), in order."""
     if k <= 0 or k >= n:
         return list(range(n))
-    generator = torch.Generator().manual_seed(seed)
-    return sorted(torch.randperm(n, generator=generator)[:k].tolist())
+    return sorted(rng.sample(range(n), k))
 
 
 def most_common(routes: Sequence[str], default: str) -> str:
@@ -111,17 +122,14 @@ def most_common(routes: Sequence[str], default: str) -> str:
 class RoutedMethod(ContinualMethod):
     """A method that answers each test instance with the adapters its route names.
 
-    Subclasses implement `route` (one route per test instance) and `route_adapters` (route -> the adapters
-    it activates); evaluation uses `activate_route` per group of instances sharing a route.
+    Subclasses implement `route` (one route per test instance) and, where a route is not a '+'-joined
+    list of adapter names, `route_adapters`; evaluation uses `activate_route` per group of instances
+    sharing a route.
     """
 
     supports_full_finetuning = False
 
-    def __init__(self, config=None) -> None:
-        super().__init__(config)
-        self.last_routes: list[str] = []
-
-    def route(self, ctx: MethodContext, task) -> list[str]:
+    def route(self, ctx: MethodContext, task: Task) -> list[str]:
         """The route (adapter names joined by '+') of every test instance of `task`, in order."""
         raise NotImplementedError
 
@@ -134,12 +142,12 @@ class RoutedMethod(ContinualMethod):
         activate_adapters(ctx.model, self.route_adapters(name), trainable=[])
         return ctx.model
 
-    def eval_routes(self, ctx: MethodContext, task) -> list[str]:
-        """Evaluation's per-instance hook: the routes of `task`'s test instances (kept in `last_routes`)."""
-        self.last_routes = self.route(ctx, task)
-        return list(self.last_routes)
+    def eval_routes(self, ctx: MethodContext, task: Task) -> list[str]:
+        """Evaluation's per-instance hook: the routes of `task`'s test instances (logged as counts)."""
+        routes = self.route(ctx, task)
+        logger.info("%s: %s routed %s", self.name, task.name, dict(Counter(routes)))
+        return routes
 
-    def eval_model(self, ctx: MethodContext, task) -> nn.Module:
+    def eval_model(self, ctx: MethodContext, task: Task) -> nn.Module:
         """Without per-instance routing: the whole task answered through its most common route."""
-        self.last_routes = self.route(ctx, task)
-        return self.activate_route(ctx, most_common(self.last_routes, "default"))
+        return self.activate_route(ctx, most_common(self.route(ctx, task), "default"))

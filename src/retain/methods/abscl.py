@@ -9,22 +9,45 @@ where M is a replay batch from the memories of earlier domains (through the shar
 orthogonality term keeps d_t's input subspace out of the shared one (A_s detached, as O-LoRA treats its
 reference adapter), and the L2 term is on the SHARED adapter. After the task, the mean mu_t of the prompt
 features f(x) and a count-weighted shared covariance S are updated; a test instance uses s + d_k with
-k = argmin_t (f - mu_t)^T S^-1 (f - mu_t), with f computed from the same base model and prompt text.
+k = argmin_t (f - mu_t)^T S^-1 (f - mu_t), with f computed from the same base model and prompt text
+(by default the last prompt token of the second-to-last layer, as in the paper).
+
+Deviation from the paper (METHODS.md card 10b): the paper trains each task in two stages, first the
+shared adapter alone on D_t and the replay memory, then the domain adapter on D_t with the orthogonality
+term against the (then fixed) shared adapter. Here both stages are folded into ONE training run per task:
+s and d_t are trained jointly on the sum above, with A_s detached in the orthogonality term so that only
+d_t is pushed out of the shared subspace. This keeps one optimizer pass per task (the loop trains one
+run per task) at the price of the shared adapter moving while d_t is being fitted; two stages would need
+a second training run inside the task and are not implemented.
 """
 
 from __future__ import annotations
 
+import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from retain.data.formats import Example
 from retain.errors import RetainError
 from retain.methods._routing import RoutedMethod, check_feature_settings, prompt_features, sample_indices
 from retain.methods.base import MethodContext, StepOutputs
 from retain.methods.registry import register
-from retain.models.adapters import activate_adapters, adapter_state, add_adapter, unwrap
+from retain.models.adapters import (
+    a_overlap_l1,
+    activate_adapters,
+    adapter_state,
+    add_adapter,
+    lora_a_overlap_pairs,
+    norm_of,
+    peft_model,
+)
+
+if TYPE_CHECKING:
+    from retain.data.streams import Task
 
 SHARED = "default"
 
@@ -54,7 +77,10 @@ class ABSCLConfig:
         default=-2, metadata={"help": "hidden_states index the features come from (-2: second-to-last layer)"}
     )
     feature_pool: str = field(
-        default="mean", metadata={"help": "pooling over prompt tokens: mean, or last (the last prompt token)"}
+        default="last",
+        metadata={
+            "help": "pooling over prompt tokens: last (the last prompt token, as in the paper) or mean"
+        },
     )
     feature_batch_size: int = field(default=16, metadata={"help": "prompts per feature-extraction forward"})
 
@@ -68,25 +94,24 @@ class ABSCLConfig:
         check_feature_settings("abscl", self.feature_pool, self.feature_batch_size)
 
 
-def orthogonal_loss(model, shared: str, domain: str) -> torch.Tensor:
-    """sum over LoRA modules of |A_shared A_domain^T|_1, with A_shared detached (only the domain moves)."""
-    total = None
-    for module in unwrap(model).modules():
-        lora_a = getattr(module, "lora_A", None)
-        if not isinstance(lora_a, torch.nn.ModuleDict) or shared not in lora_a or domain not in lora_a:
-            continue
-        overlap = (lora_a[shared].weight.detach().float() @ lora_a[domain].weight.float().T).abs().sum()
-        total = overlap if total is None else total + overlap
-    if total is None:
-        raise RetainError(f"abscl: no LoRA module holds both adapters '{shared}' and '{domain}'")
-    return total
-
-
 def mahalanobis_domains(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest mean under the precision matrix, for each feature row."""
-    diff = features.double().unsqueeze(1) - means.double().unsqueeze(0)  # [N, T, d]
-    distance = torch.einsum("ntd,de,nte->nt", diff, precision.double(), diff)
+    """Index of the nearest mean under the precision matrix P, for each feature row, in float64.
+
+    (f - mu)^T P (f - mu) = f.Pf - 2 f.P mu + mu.P mu, so no [N, T, d] difference tensor is built.
+    """
+    f, mu, p = features.double(), means.double(), precision.double()
+    fp = f @ p  # [N, d]
+    distance = (fp * f).sum(-1, keepdim=True) - 2 * fp @ mu.T + ((mu @ p) * mu).sum(-1)[None]
     return distance.argmin(dim=1)
+
+
+def shrunk_precision(cov: torch.Tensor, shrinkage: float) -> torch.Tensor:
+    """Inverse (float64) of the shrunk covariance (1 - a) S + a * tr(S)/d * I, plus a small ridge."""
+    cov = cov.double()
+    dim = cov.shape[0]
+    scale = float(torch.trace(cov)) / dim if dim else 0.0
+    eye = torch.eye(dim, dtype=torch.float64)
+    return torch.linalg.inv((1 - shrinkage) * cov + (shrinkage * scale + 1e-6 * max(scale, 1e-12)) * eye)
 
 
 @register("abscl", config=ABSCLConfig)
@@ -105,48 +130,55 @@ class ABSCL(RoutedMethod):
         self.count = 0
         self.memory: dict[str, list[Example]] = {}
         self.current: str | None = None
+        self._precision: torch.Tensor | None = None  # float64 inverse of the shrunk cov, cached
         self._replay: list[dict] = []
-        self._draws = 0
+        self._draws: random.Random | None = None
+        self._pairs: list[tuple[list[torch.Tensor], nn.Parameter]] = []  # (A_shared, A_domain) per layer
+        self._shared: list[nn.Parameter] = []  # the shared adapter's tensors
 
-    def _features(self, ctx: MethodContext, examples) -> torch.Tensor:
+    def _features(self, ctx: MethodContext, examples: Sequence[Example]) -> torch.Tensor:
         c = self.config
         return prompt_features(ctx, examples, c.feature_layer, c.feature_pool, c.feature_batch_size)
 
-    def before_task(self, ctx: MethodContext, task) -> None:
+    def before_task(self, ctx: MethodContext, task: Task) -> None:
         self.current = f"domain{ctx.task_index}"
         add_adapter(ctx.model, self.current)
         activate_adapters(ctx.model, [SHARED, self.current], trainable=[SHARED, self.current])
         memory = [e for examples in self.memory.values() for e in examples]
         self._replay = ctx.encode(memory) if memory and self.config.replay_batch_size else []
-        self._draws = 0
+        self._draws = ctx.rng("abscl:replay")
+        # Built once per task; the views follow the shared adapter as it trains.
+        self._pairs = lora_a_overlap_pairs(ctx.model, [SHARED], self.current)
+        self._shared = list(adapter_state(ctx.model, SHARED).values())
 
-    def _replay_loss(self, ctx: MethodContext, model) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(
-            ctx.config.seed * 1000 + ctx.task_index * 100003 + self._draws
-        )
-        self._draws += 1
+    def _replay_loss(self, ctx: MethodContext, model: nn.Module) -> torch.Tensor:
         size = min(self.config.replay_batch_size, len(self._replay))
-        picked = torch.randperm(len(self._replay), generator=generator)[:size].tolist()
+        picked = self._draws.sample(range(len(self._replay)), size)
         batch = {k: v.to(ctx.device) for k, v in ctx.collate([self._replay[i] for i in picked]).items()}
-        trainable = [SHARED, self.current]
-        activate_adapters(model, [SHARED], trainable=trainable)
+        # Only the active set changes (PEFT's set_adapter); the domain adapter is back in before backward.
+        inner = peft_model(model)
+        inner.base_model.set_adapter([SHARED])
         try:
             return ctx.forward(model, batch).loss
         finally:
-            activate_adapters(model, [SHARED, self.current], trainable=trainable)
+            inner.base_model.set_adapter([SHARED, self.current])
 
-    def shared_l2(self, model) -> torch.Tensor:
+    def orthogonal(self) -> torch.Tensor:
+        """sum over LoRA modules of |A_shared A_domain^T|_1, A_shared detached (only the domain moves)."""
+        return a_overlap_l1(self._pairs)
+
+    def shared_l2(self) -> torch.Tensor:
         """||shared adapter||^2: the sum of squares of its A and B matrices."""
-        return sum(p.float().pow(2).sum() for p in adapter_state(model, SHARED).values())
+        return norm_of(self._shared, squared=True)
 
-    def loss(self, ctx: MethodContext, model, batch: dict, outputs: StepOutputs) -> torch.Tensor:
+    def loss(self, ctx: MethodContext, model: nn.Module, batch: dict, outputs: StepOutputs) -> torch.Tensor:
         total = outputs.loss
         c = self.config
-        orth = orthogonal_loss(model, SHARED, self.current)
+        orth = self.orthogonal()
         ctx.log("abscl/orthogonal", orth)
         total = total + c.orthogonal_lambda * orth
         if c.shared_l2_lambda:
-            l2 = self.shared_l2(model)
+            l2 = self.shared_l2()
             ctx.log("abscl/shared_l2", l2)
             total = total + c.shared_l2_lambda * l2
         if self._replay:
@@ -155,10 +187,10 @@ class ABSCL(RoutedMethod):
             total = total + replay
         return total
 
-    def after_task(self, ctx: MethodContext, task, data: list[Example]) -> None:
-        seed = ctx.config.seed * 1000 + ctx.task_index
+    def after_task(self, ctx: MethodContext, task: Task, data: list[Example]) -> None:
+        rng = ctx.rng("abscl:samples")
         own = [e for e in data if "replayed_from" not in e.meta]
-        kept = sample_indices(len(own), self.config.stats_samples, seed)
+        kept = sample_indices(len(own), self.config.stats_samples, rng)
         features = self._features(ctx, [own[i] for i in kept]).double()
         mean = features.mean(dim=0)
         centred = features - mean
@@ -170,11 +202,12 @@ class ABSCL(RoutedMethod):
         else:
             self.cov, self.means = cov.float(), mean.float()[None]
         self.count += n
+        self._precision = shrunk_precision(self.cov, self.config.shrinkage)
         if self.config.memory_size:
-            picked = sample_indices(len(own), self.config.memory_size, seed + 1)
+            picked = sample_indices(len(own), self.config.memory_size, rng)
             self.memory[self.current] = [own[i] for i in picked]
         self.domains.append(self.current)
-        self._replay = []
+        self._replay, self._pairs, self._shared = [], [], []
         activate_adapters(ctx.model, [SHARED, self.current], trainable=[])
         ctx.log("abscl/domain_accuracy_train", self._train_accuracy(features, len(self.domains) - 1))
 
@@ -182,19 +215,16 @@ class ABSCL(RoutedMethod):
         return float((mahalanobis_domains(features, self.means, self.precision()) == domain).double().mean())
 
     def precision(self) -> torch.Tensor:
-        """Inverse of the shrunk shared covariance (1 - a) S + a * tr(S)/d * I (plus a small ridge)."""
-        cov = self.cov.double()
-        dim = cov.shape[0]
-        scale = float(torch.trace(cov)) / dim if dim else 0.0
-        eye = torch.eye(dim, dtype=torch.float64)
-        a = self.config.shrinkage
-        return torch.linalg.inv((1 - a) * cov + (a * scale + 1e-6 * max(scale, 1e-12)) * eye)
+        """Inverse of the shrunk shared covariance, computed once per change of the statistics."""
+        if self._precision is None:
+            self._precision = shrunk_precision(self.cov, self.config.shrinkage)
+        return self._precision
 
-    def domain_of(self, ctx: MethodContext, examples) -> list[int]:
+    def domain_of(self, ctx: MethodContext, examples: Sequence[Example]) -> list[int]:
         """Index (into self.domains) of the nearest domain of each example's prompt."""
         return mahalanobis_domains(self._features(ctx, examples), self.means, self.precision()).tolist()
 
-    def route(self, ctx: MethodContext, task) -> list[str]:
+    def route(self, ctx: MethodContext, task: Task) -> list[str]:
         if not self.domains:
             return [SHARED] * len(task.test)
         if len(self.domains) == 1:
@@ -223,3 +253,4 @@ class ABSCL(RoutedMethod):
         self.count = int(state.get("count", 0))
         self.memory = {d: [Example.from_dict(r) for r in recs] for d, recs in state.get("memory", {}).items()}
         self.current = self.domains[-1] if self.domains else None
+        self._precision = shrunk_precision(self.cov, self.config.shrinkage) if self.domains else None

@@ -7,6 +7,7 @@ before_optimizer_step, after_optimizer_step) -> after_task -> checkpoint (state_
 
 from __future__ import annotations
 
+import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -50,7 +51,7 @@ class MethodContext:
     encode: Any = None  # callable(list[Example]) -> list of features, the training encoding
     collate: Any = None  # callable(list of features) -> batch of tensors
     forward: Any = None  # callable(model, batch, keep=None) -> StepOutputs, the training forward
-    logged: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    logged: dict[str, list[float | torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
 
     @property
     def task(self) -> Task:
@@ -61,8 +62,15 @@ class MethodContext:
         return next(self.model.parameters()).device
 
     def log(self, name: str, value: float | torch.Tensor) -> None:
-        """Record a scalar (a loss term, a statistic); the trainer logs its mean at each logging step."""
-        self.logged[name].append(float(value.detach() if isinstance(value, torch.Tensor) else value))
+        """Record a scalar (a loss term, a statistic); the trainer logs its mean at each logging step.
+
+        Tensors are kept detached and read only when logged, so logging never waits on the device.
+        """
+        self.logged[name].append(value.detach() if isinstance(value, torch.Tensor) else float(value))
+
+    def rng(self, salt: str) -> random.Random:
+        """A random generator seeded by (run seed, task index, salt): the same on every rank and on resume."""
+        return random.Random(f"{self.config.seed}:{self.task_index}:{salt}")
 
 
 class ContinualMethod:
@@ -94,7 +102,7 @@ class ContinualMethod:
         return outputs.loss
 
     def before_optimizer_step(self, ctx: MethodContext, model: nn.Module) -> None:
-        """After backward (and gradient clipping), before the optimizer update."""
+        """Once per optimizer step, on the accumulated gradient, before clipping and the update."""
 
     def after_optimizer_step(self, ctx: MethodContext, model: nn.Module) -> None:
         """After each optimizer update."""

@@ -31,14 +31,18 @@ at test; tasks not trained yet are answered by the instance-level router alone.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from retain.data.formats import Example
 from retain.errors import RetainError
 from retain.methods._moe import LoRAExperts, MoEMethod
 from retain.methods.base import MethodContext
 from retain.methods.registry import register
+
+if TYPE_CHECKING:
+    from retain.data.streams import Task
 
 MERGE_RULES = ("paper", "released")
 
@@ -89,9 +93,10 @@ class CLMoEConfig:
         default=0.0, metadata={"help": "weight of a Switch-style load-balancing loss (0: off, as released)"}
     )
     record_routes: bool = field(
-        default=True,
+        default=False,
         metadata={
-            "help": "before evaluating a task, record each test prompt's most-used expert (one forward)"
+            "help": "before evaluating a task, record each test prompt's most-used expert (one extra "
+            "forward; evaluation then generates each expert's instances as a separate batch)"
         },
     )
 
@@ -160,12 +165,12 @@ class CLMoE(MoEMethod):
         self.top: dict[str, torch.Tensor] = {}  # task name -> (L, E) boolean index set I_t
         self.previous: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def before_task(self, ctx: MethodContext, task) -> None:
+    def before_task(self, ctx: MethodContext, task: Task) -> None:
         super().before_task(ctx, task)
         # theta_{t-1}: the weights the task starts from (the checkpoint of the previous task).
         self.previous = self.moe.expert_weights() if self.order else []
 
-    def after_task(self, ctx: MethodContext, task, data: list) -> None:
+    def after_task(self, ctx: MethodContext, task: Task, data: list[Example]) -> None:
         counts = self.record_usage(ctx, task)
         chosen = top_experts(counts, self.config.task_top_k)
         if self.order and self.previous:
@@ -178,7 +183,7 @@ class CLMoE(MoEMethod):
         self.top[task.name] = chosen
         self.order = [*[n for n in self.order if n != task.name], task.name]
 
-    def prepare_eval(self, ctx: MethodContext, task) -> None:
+    def prepare_eval(self, ctx: MethodContext, task: Task) -> None:
         gates = None
         if self.config.task_router_at_test and task.name in self.usage:
             gates = task_gates(self.usage[task.name], self.config.task_top_k)

@@ -1,7 +1,8 @@
 """Dynamic ConPET: one LoRA module per task and a trained module selector (Song et al., "ConPET:
 Continual Parameter-Efficient Tuning for Large Language Models", arXiv 2309.14763, 2023).
 
-Task t trains a fresh adapter `task<t>` alone (earlier adapters frozen, so they never change). After
+Task t trains a fresh adapter alone (earlier adapters frozen, so they never change): task 1 the adapter
+'default' that the model is created with (so no untrained adapter is saved), task t > 1 `task<t>`. After
 the task, a selector g: features -> task scores is trained with its own optimizer,
 min_g CE(g(f(x)), task(x)) over a small per-task memory of prompt features f(x) (the frozen base
 model's pooled hidden states of the prompt); at test time each instance x uses the adapter(s)
@@ -12,13 +13,15 @@ feature, and is saved with each task's checkpoint.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from retain.data.formats import Example
 from retain.errors import RetainError
 from retain.methods._routing import (
     ROUTE_SEPARATOR,
@@ -29,7 +32,10 @@ from retain.methods._routing import (
 )
 from retain.methods.base import MethodContext
 from retain.methods.registry import register
-from retain.models.adapters import activate_adapters, add_adapter
+from retain.models.adapters import activate_adapters, add_adapter, peft_model
+
+if TYPE_CHECKING:
+    from retain.data.streams import Task
 
 
 @dataclass
@@ -130,27 +136,33 @@ class ConPET(RoutedMethod):
         self.memory: dict[str, torch.Tensor] = {}  # adapter -> [n, hidden] prompt features
         self.selector: TaskSelector | None = None
 
-    def _features(self, ctx: MethodContext, examples) -> torch.Tensor:
+    @staticmethod
+    def adapter_for(index: int) -> str:
+        return "default" if index <= 1 else f"task{index}"
+
+    def _features(self, ctx: MethodContext, examples: Sequence[Example]) -> torch.Tensor:
         c = self.config
         return prompt_features(ctx, examples, c.feature_layer, c.feature_pool, c.feature_batch_size)
 
-    def before_task(self, ctx: MethodContext, task) -> None:
-        name = f"task{ctx.task_index}"
-        add_adapter(ctx.model, name)
+    def before_task(self, ctx: MethodContext, task: Task) -> None:
+        name = self.adapter_for(ctx.task_index)
+        if name not in peft_model(ctx.model).peft_config:
+            add_adapter(ctx.model, name)
         activate_adapters(ctx.model, [name], trainable=[name])
 
-    def after_task(self, ctx: MethodContext, task, data: list) -> None:
-        name = f"task{ctx.task_index}"
-        seed = ctx.config.seed * 1000 + ctx.task_index
+    def after_task(self, ctx: MethodContext, task: Task, data: list[Example]) -> None:
+        name = self.adapter_for(ctx.task_index)
+        rng = ctx.rng("conpet")
         own = [e for e in data if "replayed_from" not in e.meta]
-        kept = sample_indices(len(own), self.config.memory_per_task, seed)
+        kept = sample_indices(len(own), self.config.memory_per_task, rng)
         self.memory[name] = self._features(ctx, [own[i] for i in kept])
-        self.adapters.append(name)
+        self.adapters = [*[a for a in self.adapters if a != name], name]
         activate_adapters(ctx.model, [name], trainable=[])
         features = torch.cat([self.memory[a] for a in self.adapters])
         labels = torch.cat(
             [torch.full((len(self.memory[a]),), i, dtype=torch.long) for i, a in enumerate(self.adapters)]
         )
+        seed = rng.randrange(2**31)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.selector = TaskSelector(features.shape[1], len(ctx.tasks), self.config.selector_hidden)
@@ -161,7 +173,7 @@ class ConPET(RoutedMethod):
             predicted = self.selector(features)[:, : len(self.adapters)].argmax(dim=-1)
         ctx.log("conpet/selector_train_accuracy", (predicted == labels).float().mean())
 
-    def route(self, ctx: MethodContext, task) -> list[str]:
+    def route(self, ctx: MethodContext, task: Task) -> list[str]:
         if not self.adapters:
             return ["default"] * len(task.test)
         if len(self.adapters) == 1 or self.selector is None:

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from retain.data.formats import Example
 from retain.errors import RetainError
@@ -27,7 +26,10 @@ from retain.methods.base import ContinualMethod, MethodContext, StepOutputs
 from retain.methods.registry import register
 from retain.methods.replay import draw_evenly, reservoir_sample
 from retain.models.adapters import activate_adapters, adapter_state, add_adapter, peft_model, unwrap
-from retain.training.trainer import IGNORE, response_window
+from retain.training.trainer import forward_with_weights, response_forward_with_hidden
+
+if TYPE_CHECKING:
+    from retain.data.streams import Task
 
 FAST, SLOW = "default", "ema"
 
@@ -53,7 +55,10 @@ class ILoRAConfig:
     eval_adapter: str = field(
         default="slow", metadata={"help": "adapter evaluated: 'slow' (the EMA, as in the paper) or 'fast'"}
     )
-    seed: int = field(default=0, metadata={"help": "seed of the buffer's reservoir and of the draws"})
+    seed: int = field(
+        default=0,
+        metadata={"help": "extra seed of the buffer's reservoir and of the draws (mixed with the run seed)"},
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ema_alpha < 1.0:
@@ -68,7 +73,9 @@ class ILoRAConfig:
             )
 
 
-def consistency_loss(fast: tuple[torch.Tensor, ...], slow: tuple[torch.Tensor, ...], mask: torch.Tensor):
+def consistency_loss(
+    fast: tuple[torch.Tensor, ...], slow: tuple[torch.Tensor, ...], mask: torch.Tensor
+) -> torch.Tensor:
     """Mean over layers of MSE(h_fast, max(h_fast, h_slow)) on the positions where `mask` is set."""
     terms = []
     for h_fast, h_slow in zip(fast, slow, strict=True):
@@ -89,60 +96,44 @@ class ILoRA(ContinualMethod):
         super().__init__(config or ILoRAConfig())
         self.memory: dict[str, list[Example]] = {}
         self.features: list[list[dict]] = []  # the buffer, encoded, one list per task
-        self.pairs: list[tuple[str, nn.Parameter, nn.Parameter]] = []  # (fast name, fast, slow)
+        self.fast: list[nn.Parameter] = []  # the fast adapter's tensors, in the order of `slow`
+        self.slow: list[nn.Parameter] = []
+        self.slow_weights: dict[str, nn.Parameter] = {}  # fast parameter name -> its slow counterpart
         self.step = 0
-        self.rng = random.Random(0)
+        self.draws: random.Random | None = None  # the replay draws of the current task
 
     def _rng(self, ctx: MethodContext, salt: str) -> random.Random:
-        return random.Random(f"{self.config.seed}:{ctx.config.seed}:{ctx.task_index}:{salt}")
+        return ctx.rng(f"ilora:{self.config.seed}:{salt}")
 
     def setup(self, ctx: MethodContext) -> None:
         if SLOW not in peft_model(ctx.model).peft_config:
             add_adapter(ctx.model, SLOW, init_from=FAST)
         activate_adapters(ctx.model, active=[FAST], trainable=[FAST])
 
-    def before_task(self, ctx: MethodContext, task) -> None:
+    def before_task(self, ctx: MethodContext, task: Task) -> None:
         activate_adapters(ctx.model, active=[FAST], trainable=[FAST])
         slow = adapter_state(ctx.model, SLOW)
-        self.pairs = [
-            (name, param, slow[name.replace(f".{FAST}.", f".{SLOW}.")])
-            for name, param in adapter_state(ctx.model, FAST).items()
-        ]
+        fast = adapter_state(ctx.model, FAST)
+        self.slow_weights = {name: slow[name.replace(f".{FAST}.", f".{SLOW}.")] for name in fast}
+        self.fast, self.slow = list(fast.values()), list(self.slow_weights.values())
         self.step = 0
-        self.rng = self._rng(ctx, f"draw:{ctx.rank}")  # each rank replays different samples
+        self.draws = self._rng(ctx, f"draw:{ctx.rank}")  # each rank replays different samples
         self.features = [ctx.encode(examples) for examples in self.memory.values()]
 
     def draw(self, ctx: MethodContext, size: int, device: torch.device) -> dict[str, torch.Tensor]:
         """A batch from the buffer, spread evenly over the tasks (in a random order, so that a batch smaller
         than the number of tasks does not favour the first ones)."""
-        memories = self.rng.sample(self.features, len(self.features))
-        features = draw_evenly(memories, self.config.replay_batch_size or size, self.rng)
+        memories = self.draws.sample(self.features, len(self.features))
+        features = draw_evenly(memories, self.config.replay_batch_size or size, self.draws)
         return {k: v.to(device) for k, v in ctx.collate(features).items()}
 
     def buffer_terms(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(response cross-entropy of the fast adapter, consistency loss) on a buffer batch."""
-        inner = unwrap(model)
-        labels = batch["labels"]
-        keep = response_window(labels)
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
-        out = inner(**inputs, logits_to_keep=keep, use_cache=False, output_hidden_states=True)
-        logits = out.logits[:, :-1]
-        targets = labels[:, labels.shape[1] - keep + 1 :]
-        ce = F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE
-        )
+        outputs, fast_hidden = response_forward_with_hidden(unwrap(model), batch)
         # The slow learner: the same forward with the fast adapter's weights replaced by the slow ones.
-        slow_weights = {name: slow for name, _, slow in self.pairs}
-        with torch.no_grad():
-            slow = functional_call(
-                inner,
-                slow_weights,
-                args=(),
-                kwargs={**inputs, "logits_to_keep": 1, "use_cache": False, "output_hidden_states": True},
-                strict=False,
-            )
-        cons = consistency_loss(out.hidden_states, slow.hidden_states, batch["attention_mask"].bool())
-        return ce, cons
+        slow = forward_with_weights(model, self.slow_weights, batch, keep=1, output_hidden_states=True)
+        cons = consistency_loss(fast_hidden, slow.hidden_states, batch["attention_mask"].bool())
+        return outputs.loss, cons
 
     def loss(self, ctx: MethodContext, model: nn.Module, batch: dict, outputs: StepOutputs) -> torch.Tensor:
         if not self.features:
@@ -157,11 +148,11 @@ class ILoRA(ContinualMethod):
         self.step += 1
         a = min(1.0 - 1.0 / (self.step + 1), self.config.ema_alpha)
         with torch.no_grad():
-            for _, fast, slow in self.pairs:
-                slow.mul_(a).add_(fast.detach().to(slow.dtype), alpha=1.0 - a)
+            # slow <- slow + (1 - a) (fast - slow) = a slow + (1 - a) fast, all tensors in one call
+            torch._foreach_lerp_(self.slow, self.fast, 1.0 - a)
         ctx.log("ilora/ema_alpha", a)
 
-    def after_task(self, ctx: MethodContext, task, data: list[Example]) -> None:
+    def after_task(self, ctx: MethodContext, task: Task, data: list[Example]) -> None:
         """Give the new task its share of the buffer; earlier tasks keep a uniform subsample of theirs."""
         names = [*[n for n in self.memory if n != task.name], task.name]
         shares = {
@@ -178,7 +169,7 @@ class ILoRA(ContinualMethod):
     def active(self) -> str:
         return SLOW if self.config.eval_adapter == "slow" else FAST
 
-    def eval_model(self, ctx: MethodContext, task) -> nn.Module:
+    def eval_model(self, ctx: MethodContext, task: Task) -> nn.Module:
         activate_adapters(ctx.model, active=[self.active()], trainable=[])
         return ctx.model
 

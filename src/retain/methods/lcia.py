@@ -6,6 +6,10 @@ trainable tensor after every optimizer step t, with g_t the gradient the optimiz
     alpha_t = c (1 + |g_t|_1) / (|theta_t - theta*_{t-1}|_1 |g_t - g_{t-1}|_1),  fallback unless in (0, 1)
     theta*_t = (1 - alpha_t) theta*_{t-1} + alpha_t theta_t      (theta* = theta after the first step)
 and theta <- theta* at the end of the task (c = 2, fallback 0.01; Continual-NExT: c = 0.01, fallback 0.001).
+g_t is the accumulated (and, with several processes, all-reduced) gradient before any clipping: the
+before_optimizer_step hook runs ahead of train.max_grad_norm clipping, so alpha, which is not
+scale-invariant in g, reads the same gradient as in the reference. The raw pre-EMA weights are
+discarded unless `keep_raw: true`.
 
 Instruction grouping (reference `instruct/LoRASelect.py`): each task's instruction templates are compared
 with every group's codebook by the mean pairwise TF-IDF cosine. At or above the threshold the task retrains
@@ -22,7 +26,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,10 +35,14 @@ from torch import nn
 from retain.data.formats import Example
 from retain.errors import RetainError
 from retain.evaluation.report import write_json_atomic
-from retain.methods.base import ContinualMethod, MethodContext
+from retain.methods._routing import RoutedMethod
+from retain.methods.base import MethodContext
 from retain.methods.registry import register
-from retain.models.adapters import activate_adapters, add_adapter, peft_model, trainable_parameters
+from retain.models.adapters import activate_adapters, add_adapter, trainable_parameters
 from retain.models.embedder import SIMILARITIES, Similarity, build_similarity
+
+if TYPE_CHECKING:
+    from retain.data.streams import Task
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +104,13 @@ class LCIAConfig:
     max_templates: int = field(
         default=16, metadata={"help": "most frequent distinct templates a task adds to its group's codebook"}
     )
+    keep_raw: bool = field(
+        default=False,
+        metadata={
+            "help": "keep each DEMA-trained adapter's raw (pre-EMA) weights in the method state of every "
+            "later checkpoint (for analysis; costs one adapter copy per group)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -124,19 +139,31 @@ class LCIAConfig:
 class DynamicEMA:
     """The EMA copy theta* and the previous gradient of each trainable tensor (both fp32), for one task.
 
-    `capture` runs before the optimizer step (the gradient is final there: clipped and all-reduced),
-    `update` after it; `stats` summarises the alphas used.
+    `capture` runs before the optimizer step (the gradient is accumulated and all-reduced there, not yet
+    clipped), `update` after it; both work on all tensors at once (torch._foreach_*) and
+    never wait on the device. `stats` summarises the alphas used from running sums (no per-step list).
     """
 
     def __init__(self, c: float, fallback: float) -> None:
         self.c, self.fallback = c, fallback
         self.ema: dict[str, torch.Tensor] = {}
         self.prev_grad: dict[str, torch.Tensor] = {}
+        # name -> (|g_t|_1, |g_t - g_{t-1}|_1 or None), or (None, None) for a tensor without gradient
         self.pending: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
-        self.alphas: list[float] = []
-        self.accepted = 0
+        self.last: torch.Tensor | None = None  # the alphas used at the last update, one per tensor
+        self.count = 0  # (step, tensor) alphas used so far
         self.missing_grad = 0
+        self._sum: torch.Tensor | None = None  # running sum / min / max of the alphas, accepted count
+        self._min: torch.Tensor | None = None
+        self._max: torch.Tensor | None = None
+        self._accepted: torch.Tensor | None = None
 
+    @property
+    def accepted(self) -> int:
+        """How many (step, tensor) alphas the rule produced in (0, 1) (reading it waits on the device)."""
+        return 0 if self._accepted is None else int(self._accepted)
+
+    @torch.no_grad()
     def capture(self, params: dict[str, torch.Tensor]) -> None:
         """Record |g_t|_1 and |g_t - g_{t-1}|_1 of every tensor, then keep g_t as the previous gradient."""
         if params and all(p.grad is None for p in params.values()):
@@ -145,74 +172,90 @@ class DynamicEMA:
                 "none has one (DeepSpeed ZeRO-1 and above partition them); use DDP or ZeRO-0, or dema: false"
             )
         self.pending = {}
-        for name, param in params.items():
-            if param.grad is None:
+        names = [n for n, p in params.items() if p.grad is not None]
+        for name in params:
+            if params[name].grad is None:
                 self.pending[name] = (None, None)
                 self.prev_grad.pop(name, None)
-                continue
-            grad = param.grad.detach().float()
-            prev = self.prev_grad.get(name)
-            change = None if prev is None else (grad - prev).abs().sum()
-            self.pending[name] = (grad.abs().sum(), change)
-            if prev is None:
-                self.prev_grad[name] = grad.clone()
-            else:
-                prev.copy_(grad)
+        grads = [params[n].grad.detach().float() for n in names]
+        grad_l1 = torch._foreach_norm(grads, 1) if grads else []
+        seen = [i for i, n in enumerate(names) if n in self.prev_grad]
+        changes: dict[int, torch.Tensor] = {}
+        if seen:
+            diffs = torch._foreach_sub([grads[i] for i in seen], [self.prev_grad[names[i]] for i in seen])
+            changes = dict(zip(seen, torch._foreach_norm(diffs, 1), strict=True))
+            torch._foreach_copy_([self.prev_grad[names[i]] for i in seen], [grads[i] for i in seen])
+        for i, name in enumerate(names):
+            self.pending[name] = (grad_l1[i], changes.get(i))
+            if name not in self.prev_grad:
+                self.prev_grad[name] = grads[i].clone()
 
     @torch.no_grad()
     def update(self, params: dict[str, torch.Tensor]) -> None:
         """theta* <- (1 - alpha) theta* + alpha theta for every tensor, alpha by the DEMA rule or fallback."""
         if set(self.pending) != set(params):
             raise RetainError("lcia: DEMA update without the gradients of this step (capture was not called)")
-        names, alphas = [], []
-        for name, param in params.items():
-            value = param.detach().float()
-            grad_l1, change_l1 = self.pending[name]
-            if grad_l1 is None:
-                self.missing_grad += 1
-            if name not in self.ema:
-                # theta* starts as the weights after the first step (the reference's fallback there
-                # averages theta with itself), so the first step counts as not accepted.
-                self.ema[name] = value.clone()
-                alphas.append(value.new_full((), -1.0))
-            elif grad_l1 is None or change_l1 is None:
-                alphas.append(value.new_full((), -1.0))
-            else:
-                distance = (value - self.ema[name]).abs().sum()
-                alphas.append(self.c * (1 + grad_l1.double()) / (distance.double() * change_l1.double()))
-            names.append(name)
-        if not names:
+        if not params:
             return
-        raw = torch.stack([a.double() for a in alphas])
+        names = list(params)
+        values = [params[n].detach().float() for n in names]
+        self.missing_grad += sum(self.pending[n][0] is None for n in names)
+        fresh = [i for i, n in enumerate(names) if n not in self.ema]
+        for i in fresh:
+            # theta* starts as the weights after the first step (the reference's fallback there averages
+            # theta with itself), so the first step counts as not accepted.
+            self.ema[names[i]] = values[i].clone()
+        emas = [self.ema[n] for n in names]
+        diffs = torch._foreach_sub(values, emas)  # theta_t - theta*_{t-1}
+        distance = torch.stack(torch._foreach_norm(diffs, 1)).double()
+        device = distance.device
+        nan = torch.tensor(float("nan"), dtype=torch.float64, device=device)
+
+        def stacked(position: int) -> torch.Tensor:
+            items = [self.pending[n][position] for n in names]
+            return torch.stack([nan if t is None else t.to(device, torch.float64) for t in items])
+
+        raw = self.c * (1 + stacked(0)) / (distance * stacked(1))
+        if fresh:
+            raw[fresh] = nan
         ok = torch.isfinite(raw) & (raw > 0) & (raw < 1)
         used = torch.where(ok, raw, torch.full_like(raw, self.fallback))
-        for name, alpha in zip(names, used.float(), strict=True):
-            self.ema[name].lerp_(params[name].detach().float(), alpha.to(self.ema[name].device))
-        self.alphas.extend(used.tolist())
-        self.accepted += int(ok.sum())
+        # theta* += alpha (theta - theta*), one alpha per tensor
+        torch._foreach_mul_(diffs, [a.float() for a in used.unbind()])
+        torch._foreach_add_(emas, diffs)
+        self.last = used
+        self.count += len(names)
+        if self._sum is None:
+            self._sum, self._min, self._max = used.sum(), used.min(), used.max()
+            self._accepted = ok.sum()
+        else:
+            self._sum += used.sum()
+            self._min = torch.minimum(self._min, used.min())
+            self._max = torch.maximum(self._max, used.max())
+            self._accepted += ok.sum()
         self.pending = {}
 
-    def write_back(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Put theta* into the model; returns the raw (pre-EMA) weights, fp32 on the CPU."""
+    def write_back(self, params: dict[str, torch.Tensor], keep_raw: bool = False) -> dict[str, torch.Tensor]:
+        """Put theta* into the model; returns the raw (pre-EMA) weights, fp32 on the CPU, if `keep_raw`."""
         raw = {}
         with torch.no_grad():
             for name, param in params.items():
-                raw[name] = param.detach().float().cpu().clone()
+                if keep_raw:
+                    raw[name] = param.detach().float().cpu().clone()
                 if name in self.ema:
                     param.copy_(self.ema[name].to(param.dtype))
         return raw
 
     def stats(self) -> dict[str, float]:
         """Share of (step, tensor) alphas accepted by the rule; mean/min/max of the alphas used."""
-        if not self.alphas:
+        if not self.count:
             return {"updates": 0}
-        values = np.array(self.alphas)
         return {
-            "accepted_frac": self.accepted / len(values),
-            "alpha_mean": float(values.mean()),
-            "alpha_min": float(values.min()),
-            "alpha_max": float(values.max()),
-            "updates": len(values),
+            "accepted_frac": self.accepted / self.count,
+            "alpha_mean": float(self._sum) / self.count,
+            "alpha_min": float(self._min),
+            "alpha_max": float(self._max),
+            "updates": self.count,
             "missing_grad": self.missing_grad,
         }
 
@@ -269,21 +312,20 @@ def route_instance(scores: Sequence[float], threshold: float) -> int:
 
 
 @register("lcia", config=LCIAConfig)
-class LCIA(ContinualMethod):
+class LCIA(RoutedMethod):
     """LCIA: dynamic-EMA LoRA training with instruction-grouped adapters and per-instance routing."""
 
     config: LCIAConfig
-    supports_full_finetuning = False
 
     def __init__(self, config: LCIAConfig | None = None) -> None:
         super().__init__(config or LCIAConfig())
         self.groups: list[dict[str, Any]] = []  # {"adapter", "templates", "tasks"}, in creation order
         self.history: list[dict[str, Any]] = []  # one record per trained task
         self.latest: str | None = None  # adapter trained last
-        self.raw: dict[str, dict[str, torch.Tensor]] = {}  # adapter -> raw weights before the EMA write-back
+        self.raw: dict[str, dict[str, torch.Tensor]] = {}  # adapter -> pre-EMA weights (keep_raw only)
         self.ema: DynamicEMA | None = None
+        self.params: dict[str, nn.Parameter] = {}  # the trainable tensors of the current task
         self.current: dict[str, Any] | None = None
-        self.last_routes: list[str] = []
         self._similarity: Similarity | None = None
 
     @property
@@ -299,10 +341,7 @@ class LCIA(ContinualMethod):
             for g in self.groups
         ]
 
-    def setup(self, ctx: MethodContext) -> None:
-        peft_model(ctx.model)  # a clear error for full fine-tuning
-
-    def before_task(self, ctx: MethodContext, task) -> None:
+    def before_task(self, ctx: MethodContext, task: Task) -> None:
         cfg = self.config
         templates = task_templates(task.train, cfg.template, cfg.max_templates)
         scores: list[float] = []
@@ -326,6 +365,7 @@ class LCIA(ContinualMethod):
         activate_adapters(ctx.model, [group["adapter"]], [group["adapter"]])
         use_dema = cfg.dema and (not new_group or cfg.dema_on_new_group)
         self.ema = DynamicEMA(cfg.dema_c, cfg.fallback_alpha) if use_dema else None
+        self.params = trainable_parameters(ctx.model) if use_dema else {}
         self.current = {
             "task": task.name,
             "group": index + 1,
@@ -344,18 +384,20 @@ class LCIA(ContinualMethod):
             f"{max(scores):.3f}" if scores else "-",
         )
 
-    def before_optimizer_step(self, ctx: MethodContext, model) -> None:
+    def before_optimizer_step(self, ctx: MethodContext, model: nn.Module) -> None:
         if self.ema is not None:
-            self.ema.capture(trainable_parameters(model))
+            self.ema.capture(self.params)
 
-    def after_optimizer_step(self, ctx: MethodContext, model) -> None:
+    def after_optimizer_step(self, ctx: MethodContext, model: nn.Module) -> None:
         if self.ema is not None:
-            self.ema.update(trainable_parameters(model))
+            self.ema.update(self.params)
 
-    def after_task(self, ctx: MethodContext, task, data: list) -> None:
+    def after_task(self, ctx: MethodContext, task: Task, data: list[Example]) -> None:
         record = dict(self.current or {"task": task.name})
         if self.ema is not None:
-            self.raw[record["adapter"]] = self.ema.write_back(trainable_parameters(ctx.model))
+            raw = self.ema.write_back(self.params, keep_raw=self.config.keep_raw)
+            if self.config.keep_raw:
+                self.raw[record["adapter"]] = raw
             stats = self.ema.stats()
             record["dema_stats"] = stats
             for key in ("accepted_frac", "alpha_mean", "alpha_min", "alpha_max"):
@@ -367,7 +409,7 @@ class LCIA(ContinualMethod):
                     stats["missing_grad"],
                     task.name,
                 )
-        self.ema = None
+        self.ema, self.params = None, {}
         self.latest = record.get("adapter", self.latest)
         self.history.append(record)
         ctx.log("lcia/adapters", len(self.groups))
@@ -391,7 +433,7 @@ class LCIA(ContinualMethod):
         if self.latest is not None:
             activate_adapters(ctx.model, [self.latest], [self.latest])
 
-    def route_task(self, task) -> list[str]:
+    def route(self, ctx: MethodContext, task: Task) -> list[str]:
         """The adapter of each test instance: its most similar group, or the newest below the threshold."""
         if not self.groups:
             return [FIRST_ADAPTER] * len(task.test)
@@ -403,24 +445,11 @@ class LCIA(ContinualMethod):
         }
         return [self.groups[chosen[t]]["adapter"] for t in templates]
 
-    def eval_routes(self, ctx: MethodContext, task) -> list[str]:
-        """Per-instance routes; evaluation answers each route's instances after `activate_route`."""
-        self.last_routes = self.route_task(task)
-        logger.info("lcia: %s routed %s", task.name, dict(Counter(self.last_routes)))
-        return self.last_routes
-
-    def activate_route(self, ctx: MethodContext, route: str) -> nn.Module:
-        activate_adapters(ctx.model, [route], [])
-        return ctx.model
-
-    def eval_model(self, ctx: MethodContext, task) -> nn.Module:
-        """Without per-instance routing: the adapter most of the task's instances are routed to."""
-        routes = self.route_task(task)
-        route = Counter(routes).most_common(1)[0][0] if routes else FIRST_ADAPTER
-        return self.activate_route(ctx, route)
-
     def state_dict(self) -> dict[str, Any]:
-        return {"groups": self.groups, "history": self.history, "latest": self.latest, "raw": self.raw}
+        state: dict[str, Any] = {"groups": self.groups, "history": self.history, "latest": self.latest}
+        if self.raw:
+            state["raw"] = self.raw
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.groups = [
@@ -430,4 +459,4 @@ class LCIA(ContinualMethod):
         self.history = [dict(r) for r in state.get("history", [])]
         self.latest = state.get("latest")
         self.raw = {k: dict(v) for k, v in state.get("raw", {}).items()}
-        self.ema, self.current = None, None
+        self.ema, self.params, self.current = None, {}, None

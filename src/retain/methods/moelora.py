@@ -14,11 +14,16 @@ PEFT's default LoRA initialisation (CoIN draws A from N(0, 0.01)).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from retain.data.formats import Example
 from retain.errors import RetainError
 from retain.methods._moe import MoEMethod
 from retain.methods.base import MethodContext
 from retain.methods.registry import register
+
+if TYPE_CHECKING:
+    from retain.data.streams import Task
 
 
 @dataclass
@@ -41,9 +46,10 @@ class MoELoRAConfig:
         },
     )
     record_routes: bool = field(
-        default=True,
+        default=False,
         metadata={
-            "help": "before evaluating a task, record each test prompt's most-used expert (one forward)"
+            "help": "before evaluating a task, record each test prompt's most-used expert (one extra "
+            "forward; evaluation then generates each expert's instances as a separate batch)"
         },
     )
 
@@ -66,5 +72,5 @@ class MoELoRA(MoEMethod):
     def __init__(self, config: MoELoRAConfig | None = None) -> None:
         super().__init__(config or MoELoRAConfig())
 
-    def after_task(self, ctx: MethodContext, task, data: list) -> None:
+    def after_task(self, ctx: MethodContext, task: Task, data: list[Example]) -> None:
         self.record_usage(ctx, task)

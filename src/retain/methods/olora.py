@@ -11,22 +11,27 @@ of the new adapter, as in the reference `UIETrainer.training_step`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
-from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from retain.errors import RetainError
 from retain.methods.base import ContinualMethod, MethodContext, StepOutputs
 from retain.methods.registry import register
 from retain.models.adapters import (
+    a_overlap_l1,
     activate_adapters,
     adapter_names,
     adapter_state,
     add_adapter,
+    lora_a_overlap_pairs,
+    norm_of,
     peft_model,
-    unwrap,
 )
+
+if TYPE_CHECKING:
+    from retain.data.streams import Task
 
 
 @dataclass
@@ -45,17 +50,6 @@ class OLoRAConfig:
             )
 
 
-def lora_a_pairs(model: nn.Module, new: str) -> list[tuple[torch.Tensor, nn.Parameter]]:
-    """Per LoRA module: (the earlier adapters' A matrices stacked, detached; the new adapter's A)."""
-    pairs = []
-    for module in unwrap(model).modules():
-        if isinstance(module, LoraLayer) and new in module.lora_A:
-            old = [a.weight.detach().flatten(1) for name, a in module.lora_A.items() if name != new]
-            if old:
-                pairs.append((torch.cat(old).float(), module.lora_A[new].weight))
-    return pairs
-
-
 @register("olora", config=OLoRAConfig)
 class OLoRA(ContinualMethod):
     """O-LoRA: a new LoRA per task, kept orthogonal (in A) to the frozen, still active earlier ones."""
@@ -65,36 +59,30 @@ class OLoRA(ContinualMethod):
 
     def __init__(self, config: OLoRAConfig | None = None) -> None:
         super().__init__(config or OLoRAConfig())
-        self.pairs: list[tuple[torch.Tensor, nn.Parameter]] = []
+        self.pairs: list[tuple[list[torch.Tensor], nn.Parameter]] = []  # per layer: (old A's, new A)
+        self.new_params: list[nn.Parameter] = []  # the new adapter's A and B
 
     @staticmethod
     def adapter_for(index: int) -> str:
         return "default" if index <= 1 else f"task{index}"
 
-    def activate(self, model: nn.Module) -> None:
-        """All adapters active; only the newest one trainable."""
-        names = adapter_names(model)
-        activate_adapters(model, active=names, trainable=names[-1:])
+    def activate(self, model: nn.Module, index: int) -> None:
+        """All adapters active; only the adapter of task `index` trainable."""
+        activate_adapters(model, active=adapter_names(model), trainable=[self.adapter_for(index)])
 
-    def before_task(self, ctx: MethodContext, task) -> None:
+    def before_task(self, ctx: MethodContext, task: Task) -> None:
         new = self.adapter_for(ctx.task_index)
         if new not in peft_model(ctx.model).peft_config:
             add_adapter(ctx.model, new)
-        self.activate(ctx.model)
-        # The earlier adapters are frozen for the whole task, so their stacked A matrices are built once.
-        self.pairs = lora_a_pairs(ctx.model, new)
+        self.activate(ctx.model, ctx.task_index)
+        # Built once per task: the earlier adapters are frozen, the new one's parameters fixed objects.
+        older = [n for n in adapter_names(ctx.model) if n != new]
+        self.pairs = lora_a_overlap_pairs(ctx.model, older, new)
+        self.new_params = list(adapter_state(ctx.model, new).values())
 
     def orthogonality(self) -> torch.Tensor | None:
         """sum over modules of sum |A_old A_new^T| (None on task 1)."""
-        if not self.pairs:
-            return None
-        # fp32 even under bf16 autocast: the term is tiny to compute and its scale is what users tune.
-        with torch.autocast(self.pairs[0][1].device.type, enabled=False):
-            return sum(torch.mm(old, new.float().flatten(1).T).abs().sum() for old, new in self.pairs)
-
-    def l2(self, model: nn.Module, new: str) -> torch.Tensor:
-        """sum of the Frobenius norms of the new adapter's A and B matrices."""
-        return sum(p.float().norm() for p in adapter_state(model, new).values())
+        return a_overlap_l1(self.pairs) if self.pairs else None
 
     def loss(self, ctx: MethodContext, model: nn.Module, batch: dict, outputs: StepOutputs) -> torch.Tensor:
         total = outputs.loss
@@ -103,20 +91,16 @@ class OLoRA(ContinualMethod):
             ctx.log("olora/orth", orth)
             if self.config.lamda_1 > 0:
                 total = total + self.config.lamda_1 * orth
-        new = self.adapter_for(ctx.task_index)
-        if self.config.lamda_2 > 0:
-            l2 = self.l2(model, new)
+        if self.config.lamda_2 > 0:  # with lamda_2 = 0 the norm is neither computed nor logged
+            l2 = norm_of(self.new_params)
+            ctx.log("olora/l2", l2)
             total = total + self.config.lamda_2 * l2
-        else:
-            with torch.no_grad():
-                l2 = self.l2(model, new)
-        ctx.log("olora/l2", l2)
         return total
 
-    def eval_model(self, ctx: MethodContext, task) -> nn.Module:
-        self.activate(ctx.model)
+    def eval_model(self, ctx: MethodContext, task: Task) -> nn.Module:
+        self.activate(ctx.model, ctx.task_index)
         return ctx.model
 
     def restore(self, ctx: MethodContext) -> None:
-        self.activate(ctx.model)
-        self.pairs = []
+        self.activate(ctx.model, ctx.task_index)
+        self.pairs, self.new_params = [], []

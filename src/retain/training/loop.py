@@ -203,11 +203,14 @@ class Experiment:
         )
         start = time.perf_counter()
         trainer.train()
+        # accelerate wraps forward in autocast for mixed precision; evaluation sets its own precision.
+        trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+        self.ctx.logged.clear()  # what was logged after the last logging step belongs to no record
         self.method.after_task(self.ctx, unit, data)
         self.loaded = index
         seconds = time.perf_counter() - start
         log = list(trainer.state.log_history)
-        after = {name: sum(v) / len(v) for name, v in self.ctx.logged.items() if v}
+        after = {name: sum(float(x) for x in v) / len(v) for name, v in self.ctx.logged.items() if v}
         self.ctx.logged.clear()
         if after:
             log.append({"after_task": after})

@@ -13,9 +13,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 from transformers import Trainer, TrainerCallback
 
 from retain.methods.base import ContinualMethod, MethodContext, StepOutputs
+from retain.models.adapters import unwrap
 
 logger = logging.getLogger(__name__)
 IGNORE = -100
@@ -89,7 +91,9 @@ class _MethodHooks(TrainerCallback):
         self.method, self.ctx, self.trainer = method, ctx, trainer
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.method.before_optimizer_step(self.ctx, self.trainer.model)
+        # With clipping on, the hook already ran before clipping (ContinualTrainer._clip_grad_norm).
+        if args.max_grad_norm is None or args.max_grad_norm <= 0:
+            self.method.before_optimizer_step(self.ctx, self.trainer.model)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.method.after_optimizer_step(self.ctx, self.trainer.model)
@@ -113,9 +117,64 @@ class ContinualTrainer(Trainer):
         loss = self.method.loss(self.ctx, model, inputs, outputs)
         return (loss, outputs) if return_outputs else loss
 
+    def _clip_grad_norm(self, model):
+        # Methods see the accumulated (and, under DDP, all-reduced) gradient before it is clipped, as
+        # GEM's projection and LCIA's reference code expect; then the result is clipped.
+        self.method.before_optimizer_step(self.ctx, model)
+        return super()._clip_grad_norm(model)
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         for name, values in self.ctx.logged.items():
             if values:
-                logs[name] = sum(values) / len(values)
+                logs[name] = sum(float(v) for v in values) / len(values)
         self.ctx.logged.clear()
         super().log(logs, *args, **kwargs)
+
+
+def response_forward_with_hidden(
+    model: nn.Module, batch: dict[str, torch.Tensor], keep: int | None = None
+) -> tuple[StepOutputs, tuple[torch.Tensor, ...]]:
+    """`response_forward` that also returns the hidden states of every layer (embeddings first)."""
+    labels = batch["labels"]
+    keep = keep or response_window(labels)
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        logits_to_keep=keep,
+        use_cache=False,
+        output_hidden_states=True,
+    )
+    logits = out.logits[:, :-1]
+    targets = labels[:, labels.shape[1] - keep + 1 :]
+    loss = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE
+    )
+    return StepOutputs(loss=loss, logits=logits, labels=targets, keep=keep), out.hidden_states
+
+
+@torch.no_grad()
+def forward_with_weights(
+    model: nn.Module,
+    weights: dict[str, torch.Tensor],
+    batch: dict[str, torch.Tensor],
+    keep: int = 1,
+    *,
+    output_hidden_states: bool = False,
+) -> Any:
+    """The model's output (no gradient) with the named parameters replaced by `weights` for this forward
+    only (torch.func.functional_call on the unwrapped model: nothing is copied into the model)."""
+    return functional_call(
+        unwrap(model),
+        weights,
+        args=(),
+        kwargs={
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "position_ids": batch["position_ids"],
+            "logits_to_keep": keep,
+            "use_cache": False,
+            "output_hidden_states": output_hidden_states,
+        },
+        strict=False,
+    )

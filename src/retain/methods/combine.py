@@ -1,0 +1,111 @@
+"""Combining methods: `method: {name: replay, plus: [ewc]}` runs replay and EWC together.
+
+Each hook runs every component in order; training data passes through each component's
+`training_data`; the loss is the task loss plus every component's extra term (each component's
+`loss` minus the task loss), so penalties add up rather than replace each other.
+
+Refused when the config is read, with the reason:
+- `multitask` combines with nothing: it trains once on all tasks, there is no stream to protect.
+- a method cannot be combined with itself.
+- at most one component may change which model answers at evaluation (adapter, EMA and routing
+  methods: those overriding eval_model, eval_routes, activate_route or restore); two of them would
+  fight over the active adapters.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from retain.data.formats import Example
+from retain.errors import RetainError
+from retain.methods.base import ContinualMethod, MethodContext, StepOutputs
+
+if TYPE_CHECKING:
+    from retain.data.streams import Task
+
+MODEL_HOOKS = ("eval_model", "eval_routes", "activate_route", "restore")
+
+
+def shapes_evaluated_model(method: ContinualMethod) -> bool:
+    """Whether the method decides which adapters/weights answer at test time."""
+    return any(getattr(type(method), hook) is not getattr(ContinualMethod, hook) for hook in MODEL_HOOKS)
+
+
+class Combined(ContinualMethod):
+    """Several methods applied together; the first one is the main method."""
+
+    def __init__(self, components: list[ContinualMethod]) -> None:
+        super().__init__(None)
+        names = [c.name for c in components]
+        if len(set(names)) != len(names):
+            raise RetainError(f"config: method '{names[0]}' is listed twice in method.plus")
+        joint = [c.name for c in components if c.joint_training]
+        if joint:
+            raise RetainError(
+                f"config: '{joint[0]}' trains once on all tasks and cannot be combined with other methods"
+            )
+        shaping = [c.name for c in components if shapes_evaluated_model(c)]
+        if len(shaping) > 1:
+            raise RetainError(
+                f"config: {' and '.join(shaping)} both decide which adapters answer at evaluation; "
+                "combine at most one of them with regularization or rehearsal methods"
+            )
+        self.components = components
+        self.name = "+".join(names)
+        self.supports_full_finetuning = all(c.supports_full_finetuning for c in components)
+        self.supports_multiprocess = all(c.supports_multiprocess for c in components)
+        self.needs_task_id_at_test = any(c.needs_task_id_at_test for c in components)
+        self.router = next((c for c in components if shapes_evaluated_model(c)), components[0])
+
+    def setup(self, ctx: MethodContext) -> None:
+        for c in self.components:
+            c.setup(ctx)
+
+    def before_task(self, ctx: MethodContext, task: Task) -> None:
+        for c in self.components:
+            c.before_task(ctx, task)
+
+    def training_data(self, ctx: MethodContext, task: Task, data: list[Example]) -> list[Example]:
+        for c in self.components:
+            data = c.training_data(ctx, task, data)
+        return data
+
+    def loss(self, ctx: MethodContext, model: nn.Module, batch: dict, outputs: StepOutputs) -> torch.Tensor:
+        total = outputs.loss
+        for c in self.components:
+            total = total + (c.loss(ctx, model, batch, outputs) - outputs.loss)
+        return total
+
+    def before_optimizer_step(self, ctx: MethodContext, model: nn.Module) -> None:
+        for c in self.components:
+            c.before_optimizer_step(ctx, model)
+
+    def after_optimizer_step(self, ctx: MethodContext, model: nn.Module) -> None:
+        for c in self.components:
+            c.after_optimizer_step(ctx, model)
+
+    def after_task(self, ctx: MethodContext, task: Task, data: list[Example]) -> None:
+        for c in self.components:
+            c.after_task(ctx, task, data)
+
+    def eval_model(self, ctx: MethodContext, task: Task) -> nn.Module:
+        return self.router.eval_model(ctx, task)
+
+    def eval_routes(self, ctx: MethodContext, task: Task) -> list[str] | None:
+        return self.router.eval_routes(ctx, task)
+
+    def activate_route(self, ctx: MethodContext, route: str) -> nn.Module:
+        return self.router.activate_route(ctx, route)
+
+    def restore(self, ctx: MethodContext) -> None:
+        self.router.restore(ctx)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {c.name: c.state_dict() for c in self.components}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for c in self.components:
+            c.load_state_dict(state.get(c.name, {}))

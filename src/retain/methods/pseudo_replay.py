@@ -1,0 +1,96 @@
+"""Pseudo replay: rehearse samples that the model writes itself from a few stored demonstrations.
+
+EasyCL's simplified Self-Synthesized Rehearsal (Huang et al., ACL 2024; EasyCL cites Rolnick et al.,
+NeurIPS 2019, for experience replay): after task k, `num_shots` real examples of it are kept. Before
+task t, for every earlier task k without a memory yet, the current model completes `memory_per_task`
+in-context prompts built from task k's demonstrations (seeded order, sampling at `temperature`); the
+completions parsed into (input, output) form task k's pseudo memory, kept for the rest of the stream.
+Training set of task t: D_t plus the pseudo memories of tasks 1..t-1. No refinement, no selection.
+
+Unlike EasyCL (pitfall 7 of METHODS.md), the demonstrations come from the *previous* tasks, never the
+current one (so task 1 is rehearsed), and each task's memory is capped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from retain.data.formats import Example
+from retain.errors import RetainError
+from retain.methods import _pseudo
+from retain.methods.base import MethodContext
+from retain.methods.registry import register
+
+
+@dataclass
+class PseudoReplayConfig:
+    num_shots: int = field(
+        default=5, metadata={"help": "real demonstrations kept per task and shown per prompt"}
+    )
+    memory_per_task: int = field(
+        default=200, metadata={"help": "pseudo samples generated (and at most kept) per previous task"}
+    )
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the generation"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus of the sampling (1.0: no cut)"})
+    max_new_tokens: int = field(
+        default=128, metadata={"help": "longest generated example, in tokens (at most cutoff_len)"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.num_shots < 1 or self.memory_per_task < 1 or self.max_new_tokens < 1:
+            raise RetainError(
+                "config: pseudo_replay needs num_shots, memory_per_task and max_new_tokens >= 1"
+            )
+        if self.temperature <= 0 or not 0.0 < self.top_p <= 1.0:
+            raise RetainError("config: pseudo_replay needs temperature > 0 and top_p in (0, 1]")
+
+
+@register("pseudo_replay", config=PseudoReplayConfig)
+class PseudoReplay(_pseudo.DemoRehearsal):
+    """Pseudo replay: the model writes samples of earlier tasks from a few stored demos; rehearse them."""
+
+    config: PseudoReplayConfig
+
+    def __init__(self, config: PseudoReplayConfig | None = None) -> None:
+        super().__init__(config or PseudoReplayConfig())
+
+    def synthesize(self, ctx: MethodContext, source: str) -> list[dict[str, Any]]:
+        """Fill the memory of task `source` from its demonstrations; returns one record per generation."""
+        demos = self.demos[source]
+        texts = _pseudo.demo_generations(
+            ctx,
+            ctx.model,
+            demos,
+            self.config.memory_per_task,
+            f"pseudo_replay:{source}",
+            f"pseudo_replay: samples of {source}",
+            max_new_tokens=_pseudo.token_limit(ctx, self.config.max_new_tokens),
+            stop_strings=["\n" + _pseudo.DEMO_INPUT],
+            do_sample=True,
+            temperature=self.config.temperature,
+            top_p=self.config.top_p,
+        )
+        system = demos[0].system
+        kept: list[Example] = []
+        seen: set[tuple[str, str]] = set()
+        records = []
+        for text in texts:
+            parsed = _pseudo.parse_demo_completion(text)
+            status = "unparsable"
+            if parsed is not None:
+                example = _pseudo.pseudo_example(*parsed, system, source, "pseudo_replay", ctx.task_index)
+                status = (
+                    "duplicate"
+                    if parsed in seen
+                    else "too_long"
+                    if not _pseudo.fits(ctx, example)
+                    else "kept"
+                )
+                if status == "kept":
+                    seen.add(parsed)
+                    kept.append(example)
+            records.append({"from_task": source, "text": text, "status": status})
+        _pseudo.log_kept(ctx, "pseudo_replay", source, len(kept), len(texts))
+        self.memory.add(source, kept, self.config.memory_per_task, ctx.rng(f"pseudo_replay:cap:{source}"))
+        return records

@@ -1,0 +1,105 @@
+"""Pseudo replay: the model writes samples of earlier tasks from their stored demos, not the current one."""
+
+from __future__ import annotations
+
+import json
+import random
+
+from retain.data.streams import Task
+from retain.methods import _pseudo
+from retain.methods.pseudo_replay import PseudoReplay, PseudoReplayConfig
+
+from .helpers import tiny_context
+
+
+def test_demo_prompt_shows_the_demos_in_a_seeded_order_and_opens_a_new_input(tokenizer):
+    ctx_free_demos = [
+        _pseudo.pseudo_example(f"Is {n} even or odd?", "even" if n % 2 == 0 else "odd", None, "t", "x", 1)
+        for n in (10, 21, 32)
+    ]
+    first = tokenizer.decode(_pseudo.demo_prompt(tokenizer, ctx_free_demos, random.Random(0)))
+    again = tokenizer.decode(_pseudo.demo_prompt(tokenizer, ctx_free_demos, random.Random(0)))
+    assert first == again
+    assert all(f"Input: Is {n} even or odd?\nOutput: " in first for n in (10, 21, 32))
+    assert first.endswith("<|im_start|>assistant\nInput:")
+
+
+def test_parse_demo_completion():
+    assert _pseudo.parse_demo_completion(" Is 4 even or odd?\nOutput: even") == ("Is 4 even or odd?", "even")
+    # the model went on with another example: only the first one counts
+    assert _pseudo.parse_demo_completion("a\nOutput: b\n\nInput: c\nOutput: d") == ("a", "b")
+    for bad in ("no output marker", "\nOutput: b", "a\nOutput:  "):
+        assert _pseudo.parse_demo_completion(bad) is None
+    assert _pseudo.parse_demo_completion("a\nOutput:", need_output=False) == ("a", "")
+
+
+class FakeGenerate:
+    """Records the decoded prompts; answers with numbered parity examples, every third one unparsable."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, model, tokenizer, prompts, **options):
+        self.calls.append({"prompts": [tokenizer.decode(p) for p in prompts], **options})
+        return [
+            "garbage" if i % 3 == 2 else f"Is {100 + i // 2} even or odd?\nOutput: odd"
+            for i in range(len(prompts))
+        ]
+
+
+def test_generates_from_earlier_tasks_demos_only_caps_and_saves_the_memory(tmp_path, monkeypatch):
+    fake = FakeGenerate()
+    monkeypatch.setattr(_pseudo, "generate", fake)
+    ctx, tasks = tiny_context(tmp_path, "pseudo_replay")
+    ctx.run_dir = str(tmp_path / "run")
+    third = Task(name="third", train=tasks[0].train[:8], test=[], scorer="exact")
+    ctx.tasks = [*tasks, third]
+    method = PseudoReplay(PseudoReplayConfig(num_shots=3, memory_per_task=6))
+    assert method.training_data(ctx, tasks[0], tasks[0].train) == tasks[0].train
+    method.after_task(ctx, tasks[0], tasks[0].train)
+    assert not fake.calls and [d in tasks[0].train for d in method.demos["parity"]] == [True] * 3
+
+    ctx.task_index = 2
+    data = method.training_data(ctx, tasks[1], tasks[1].train)
+    (call,) = fake.calls
+    assert len(call["prompts"]) == 6 and call["do_sample"] and isinstance(call["seed"], int)
+    for prompt in call["prompts"]:
+        assert all(d.messages[0]["content"] in prompt for d in method.demos["parity"])
+        assert not any(e.messages[0]["content"] in prompt for e in tasks[1].train)  # never the current task
+    pseudo = data[len(tasks[1].train) :]
+    # 6 generations: 2 unparsable, then "Is 100", "Is 100" (duplicate), "Is 101", "Is 102"
+    assert [e.messages[0]["content"] for e in pseudo] == [f"Is {n} even or odd?" for n in (100, 101, 102)]
+    assert {e.meta["pseudo_from"] for e in pseudo} == {"parity"}
+    statuses = [
+        json.loads(line)["status"]
+        for line in (tmp_path / "run" / "pseudo" / "2-capital_letters.candidates.jsonl")
+        .read_text()
+        .splitlines()
+    ]
+    assert sorted(statuses) == ["duplicate", "kept", "kept", "kept", "unparsable", "unparsable"]
+    method.after_task(ctx, tasks[1], data)
+    assert all("pseudo_from" not in d.meta for d in method.demos["capital_letters"])
+
+    ctx.task_index = 3
+    data = method.training_data(ctx, third, third.train)
+    prompts = fake.calls[-1]["prompts"]
+    assert len(fake.calls) == 2 and len(prompts) == 6  # only capital_letters is new; parity's memory is kept
+    for prompt in prompts:
+        assert all(d.messages[0]["content"] in prompt for d in method.demos["capital_letters"])
+        assert not any(e.messages[0]["content"] in prompt for e in third.train)
+    assert method.memory.sizes() == {"parity": 3, "capital_letters": 3}
+    assert len(data) == 8 + 6
+
+    restored = PseudoReplay()
+    restored.load_state_dict(method.state_dict())
+    assert restored.memory.examples() == method.memory.examples() and restored.demos == method.demos
+
+
+def test_memory_is_capped_and_overlong_samples_are_dropped(tmp_path):
+    ctx, tasks = tiny_context(tmp_path, "pseudo_replay")
+    memory = _pseudo.PseudoMemory()
+    made = [_pseudo.pseudo_example(f"q{i}", "a", None, "parity", "x", 2) for i in range(10)]
+    memory.add("parity", made, 4, random.Random(0))
+    assert len(memory.examples()) == 4 and all(e in made for e in memory.examples())
+    long = _pseudo.pseudo_example("word " * 200, "a", None, "parity", "x", 2)
+    assert not _pseudo.fits(ctx, long) and _pseudo.fits(ctx, made[0])
