@@ -39,6 +39,7 @@ from retain.data.formats import Example
 from retain.errors import RetainError
 from retain.methods._moe import LoRAExperts, MoEMethod
 from retain.methods.base import MethodContext
+from retain.methods.moelora import MoELoRAConfig
 from retain.methods.registry import register
 
 if TYPE_CHECKING:
@@ -48,19 +49,9 @@ MERGE_RULES = ("paper", "released")
 
 
 @dataclass
-class CLMoEConfig:
-    num_experts: int = field(
-        default=4,
-        metadata={
-            "help": "experts E; model.lora_rank is split into E experts of rank lora_rank/E (paper: 8)"
-        },
-    )
-    top_k: int = field(
-        default=0,
-        metadata={
-            "help": "instance-level router: 0 dense softmax (released code), k > 0 keep k largest gates"
-        },
-    )
+class CLMoEConfig(MoELoRAConfig):
+    """MoE-LoRA's settings (experts, instance router, balancing, routes) plus CL-MoE's own."""
+
     alpha: float = field(
         default=0.7, metadata={"help": "momentum of the merge (see merge_rule); released code: 0.7"}
     )
@@ -89,22 +80,9 @@ class CLMoEConfig:
             "help": "blend in the task-level router of the evaluated task at test (false: instance only)"
         },
     )
-    balance_coef: float = field(
-        default=0.0, metadata={"help": "weight of a Switch-style load-balancing loss (0: off, as released)"}
-    )
-    record_routes: bool = field(
-        default=False,
-        metadata={
-            "help": "before evaluating a task, record each test prompt's most-used expert (one extra "
-            "forward; evaluation then generates each expert's instances as a separate batch)"
-        },
-    )
 
     def __post_init__(self) -> None:
-        if self.num_experts < 2:
-            raise RetainError(f"config: method.num_experts must be >= 2, got {self.num_experts}")
-        if not 0 <= self.top_k <= self.num_experts:
-            raise RetainError(f"config: method.top_k must be in [0, num_experts], got {self.top_k}")
+        super().__post_init__()
         if not 0.0 <= self.alpha <= 1.0 or not 0.0 <= self.beta <= 1.0:
             raise RetainError("config: clmoe needs method.alpha and method.beta in [0, 1]")
         if self.merge_rule not in MERGE_RULES:
@@ -114,8 +92,6 @@ class CLMoEConfig:
         for name in ("task_top_k", "token_top_k"):
             if not 1 <= getattr(self, name) <= self.num_experts:
                 raise RetainError(f"config: method.{name} must be in [1, num_experts]")
-        if self.balance_coef < 0:
-            raise RetainError(f"config: method.balance_coef must be >= 0, got {self.balance_coef}")
 
 
 def top_experts(counts: torch.Tensor, k: int) -> torch.Tensor:

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
 from retain.errors import RetainError
 from retain.methods.base import ContinualMethod, MethodContext, StepOutputs
 from retain.methods.registry import register
 from retain.models.adapters import snapshot_trainable, unwrap
+from retain.training.trainer import forward_with_weights
 
 
 @dataclass
@@ -64,21 +64,7 @@ class LwF(ContinualMethod):
             n: w.to(dtype=p.dtype)
             for (n, w), p in zip(self.teacher.items(), self._params(inner), strict=True)
         }
-        with torch.no_grad():
-            out = functional_call(
-                inner,
-                weights,
-                args=(),
-                kwargs={
-                    "input_ids": batch["input_ids"],
-                    "attention_mask": batch["attention_mask"],
-                    "position_ids": batch["position_ids"],
-                    "logits_to_keep": keep,
-                    "use_cache": False,
-                },
-                strict=False,
-            )
-        return out.logits[:, :-1]
+        return forward_with_weights(inner, weights, batch, keep).logits[:, :-1]
 
     def _params(self, inner):
         params = dict(inner.named_parameters())

@@ -52,10 +52,9 @@ def response_window(labels: torch.Tensor) -> int:
     return labels.shape[1] - max(first - 1, 0)
 
 
-def response_forward(
-    model: nn.Module, batch: dict[str, torch.Tensor], keep: int | None = None
-) -> StepOutputs:
-    """Forward with the LM head on the response window only; token-mean cross-entropy on responses."""
+def _response_forward(
+    model: nn.Module, batch: dict[str, torch.Tensor], keep: int | None, output_hidden_states: bool
+) -> tuple[StepOutputs, Any]:
     labels = batch["labels"]
     keep = keep or response_window(labels)
     out = model(
@@ -64,13 +63,29 @@ def response_forward(
         position_ids=batch["position_ids"],
         logits_to_keep=keep,
         use_cache=False,
+        output_hidden_states=output_hidden_states,
     )
     logits = out.logits[:, :-1]
     targets = labels[:, labels.shape[1] - keep + 1 :]
     loss = F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE
     )
-    return StepOutputs(loss=loss, logits=logits, labels=targets, keep=keep)
+    return StepOutputs(loss=loss, logits=logits, labels=targets, keep=keep), out
+
+
+def response_forward(
+    model: nn.Module, batch: dict[str, torch.Tensor], keep: int | None = None
+) -> StepOutputs:
+    """Forward with the LM head on the response window only; token-mean cross-entropy on responses."""
+    return _response_forward(model, batch, keep, output_hidden_states=False)[0]
+
+
+def response_forward_with_hidden(
+    model: nn.Module, batch: dict[str, torch.Tensor], keep: int | None = None
+) -> tuple[StepOutputs, tuple[torch.Tensor, ...]]:
+    """`response_forward` that also returns the hidden states of every layer (embeddings first)."""
+    outputs, out = _response_forward(model, batch, keep, output_hidden_states=True)
+    return outputs, out.hidden_states
 
 
 class FeatureDataset(torch.utils.data.Dataset):
@@ -129,28 +144,6 @@ class ContinualTrainer(Trainer):
                 logs[name] = sum(float(v) for v in values) / len(values)
         self.ctx.logged.clear()
         super().log(logs, *args, **kwargs)
-
-
-def response_forward_with_hidden(
-    model: nn.Module, batch: dict[str, torch.Tensor], keep: int | None = None
-) -> tuple[StepOutputs, tuple[torch.Tensor, ...]]:
-    """`response_forward` that also returns the hidden states of every layer (embeddings first)."""
-    labels = batch["labels"]
-    keep = keep or response_window(labels)
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        logits_to_keep=keep,
-        use_cache=False,
-        output_hidden_states=True,
-    )
-    logits = out.logits[:, :-1]
-    targets = labels[:, labels.shape[1] - keep + 1 :]
-    loss = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE
-    )
-    return StepOutputs(loss=loss, logits=logits, labels=targets, keep=keep), out.hidden_states
 
 
 @torch.no_grad()
