@@ -106,6 +106,13 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_dry_run_of_a_combination_shows_every_component(tmp_path):
+    config = write_config(tmp_path)
+    proc = retain("run", config, "--dry-run", "method.name=replay", "method.plus=[ewc]")
+    assert proc.returncode == 0, proc.stderr
+    assert "replay ReplayConfig" in proc.stdout and "ewc EWCConfig" in proc.stdout
+
+
 def test_methods_lists_names_and_hyper_parameters():
     proc = retain("methods")
     assert proc.returncode == 0

@@ -50,8 +50,6 @@ def print_plan(plan) -> None:
     """The --dry-run output: tasks, method, sizes, output paths."""
     from rich.table import Table
 
-    from retain.methods.registry import build_method_config
-
     config = plan.config
     console = _console()
     console.print(
@@ -62,8 +60,9 @@ def print_plan(plan) -> None:
             else ")"
         )
     )
-    settings = build_method_config(plan.method.name, config.method.params)
-    console.print(f"[bold]method[/bold] {plan.method.name} {settings if settings is not None else ''}")
+    components = getattr(plan.method, "components", [plan.method])
+    settings = "; ".join(f"{c.name} {c.config}" if c.config is not None else c.name for c in components)
+    console.print(f"[bold]method[/bold] {settings}")
     table = Table(title="task stream")
     for column in ("#", "task", "train", "test", "scorer", "steps"):
         table.add_column(column)
