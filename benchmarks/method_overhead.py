@@ -27,7 +27,9 @@ from retain.training.loop import Experiment, make_plan  # noqa: E402
 from retain.training.run_dir import RunDir  # noqa: E402
 
 
-def step_seconds(model: str, method: str, task: int, steps: int, warm_steps: int, folder: str) -> float:
+def step_seconds(
+    model: str, method: str, task: int, steps: int, warm_steps: int, folder: str, params: dict | None = None
+) -> float:
     """Mean seconds per optimizer step of `method` while training task `task`."""
     raw = {
         "model": {"name_or_path": model, "lora_rank": 8, "lora_alpha": 16},
@@ -42,7 +44,7 @@ def step_seconds(model: str, method: str, task: int, steps: int, warm_steps: int
                 "synthetic:reverse",
             ][: max(task, 1)],
         },
-        "method": {"name": method},
+        "method": {"name": method, **(params or {})},
         "train": {
             "learning_rate": 1e-3,
             "per_device_train_batch_size": 8,
@@ -72,12 +74,18 @@ def main() -> None:
     parser.add_argument("--warm-steps", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--output", default="method_overhead")
+    parser.add_argument(
+        "--method-params",
+        default="{}",
+        help='JSON settings per method, e.g. \'{"lcia": {"grouping": false}}\' (DEMA on every later task)',
+    )
     args = parser.parse_args()
 
     methods = args.methods or [
         m for m in available() if m not in ("sequential", "multitask") and not m.startswith("_")
     ]
     times: dict[str, list[float]] = {m: [] for m in ["sequential", *methods]}
+    settings = json.loads(args.method_params)
     with tempfile.TemporaryDirectory() as folder:
         for round_index in range(args.rounds):
             for method in times:
@@ -88,6 +96,7 @@ def main() -> None:
                     args.steps,
                     args.warm_steps,
                     os.path.join(folder, str(round_index)),
+                    settings.get(method),
                 )
                 times[method].append(seconds)
                 print(f"  round {round_index + 1} {method:12s} {seconds:.3f} s/step", flush=True)
@@ -106,6 +115,7 @@ def main() -> None:
             "steps": args.steps,
             "methods": rows,
             "raw": times,
+            "method_params": settings,
             "machine": machine(),
         },
     )
