@@ -60,3 +60,41 @@ def tiny_context(tmp_path, method: str = "sequential", params: dict | None = Non
         forward=response_forward,
     )
     return ctx, tasks
+
+
+def set_gradient(ctx, loss_fn) -> list:
+    """Clear the trainable parameters' gradients, backpropagate `loss_fn()`, return the parameters."""
+    from retain.models.adapters import trainable_parameters
+
+    params = list(trainable_parameters(ctx.model).values())
+    for p in params:
+        p.grad = None
+    loss_fn().backward()
+    return params
+
+
+def train_one_task(ctx, tasks, method, folder, **arguments):
+    """Run a ContinualTrainer with `method` on the first task; `arguments` override TrainingArguments."""
+    from transformers import TrainingArguments
+
+    from retain.training.trainer import ContinualTrainer, FeatureDataset
+
+    settings = dict(
+        output_dir=str(folder),
+        per_device_train_batch_size=2,
+        report_to=[],
+        use_cpu=True,
+        remove_unused_columns=False,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = ContinualTrainer(
+        model=ctx.model,
+        args=TrainingArguments(**{**settings, **arguments}),
+        train_dataset=FeatureDataset(ctx.encode(tasks[0].train)),
+        data_collator=ctx.collate,
+        method=method,
+        ctx=ctx,
+    )
+    trainer.train()
+    return trainer

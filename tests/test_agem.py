@@ -11,10 +11,9 @@ import torch
 from retain.config import config_from_dict
 from retain.methods._episodic import flat_grad, memory_gradient
 from retain.methods.agem import AGEM, AGEMConfig, agem_project
-from retain.models.adapters import trainable_parameters
 from retain.training.loop import run_experiment
 
-from .helpers import tiny_config, tiny_context
+from .helpers import set_gradient, tiny_config, tiny_context
 
 
 def test_the_projection_is_the_closed_form_and_removes_the_conflict():
@@ -44,14 +43,6 @@ def _agem_after_task_1(tmp_path, **params):
     return ctx, tasks, method
 
 
-def _set_gradient(ctx, loss_fn) -> list:
-    params = list(trainable_parameters(ctx.model).values())
-    for p in params:
-        p.grad = None
-    loss_fn().backward()
-    return params
-
-
 def _reference(ctx, method, params) -> torch.Tensor:
     """The reference gradient the method used at its last step (same draw, same weights)."""
     rng = ctx.rng(f"agem:step:{method.steps}")
@@ -64,7 +55,7 @@ def test_a_conflicting_real_gradient_is_replaced_by_the_closed_form_projection(t
     ctx, tasks, method = _agem_after_task_1(tmp_path, memory_size=12, memory_batch_size=4)
     parity = ctx.collate(ctx.encode(tasks[0].train[12:16]))
     letters = ctx.collate(ctx.encode(tasks[1].train[:4]))
-    params = _set_gradient(
+    params = set_gradient(
         ctx, lambda: ctx.forward(ctx.model, letters).loss - ctx.forward(ctx.model, parity).loss
     )
     g = flat_grad(params)
@@ -83,7 +74,7 @@ def test_a_conflicting_real_gradient_is_replaced_by_the_closed_form_projection(t
 def test_a_gradient_that_agrees_with_the_memory_is_left_bitwise_unchanged(tmp_path):
     ctx, tasks, method = _agem_after_task_1(tmp_path, memory_size=4, memory_batch_size=4)
     memory = ctx.collate(method.memory.features(ctx, tasks[0].name))
-    params = _set_gradient(ctx, lambda: ctx.forward(ctx.model, memory).loss)  # g = g_ref
+    params = set_gradient(ctx, lambda: ctx.forward(ctx.model, memory).loss)  # g = g_ref
     before = [p.grad.clone() for p in params]
     method.before_optimizer_step(ctx, ctx.model)
     assert ctx.logged["agem/violations"][-1] == 0.0 and ctx.logged["agem/projected"][-1] == 0.0

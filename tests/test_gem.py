@@ -13,10 +13,9 @@ import torch
 from retain.config import config_from_dict
 from retain.methods._episodic import flat_grad, memory_gradient
 from retain.methods.gem import GEM, GEMConfig, project_to_cone, solve_box_qp
-from retain.models.adapters import trainable_parameters
 from retain.training.loop import run_experiment
 
-from .helpers import tiny_config, tiny_context
+from .helpers import set_gradient, tiny_config, tiny_context
 
 
 def _brute_force_box_qp(P: torch.Tensor, q: torch.Tensor, lower: float) -> torch.Tensor:
@@ -99,14 +98,6 @@ def _gem_on_two_memories(tmp_path, **params):
     return ctx, tasks, method
 
 
-def _set_gradient(ctx, loss_fn) -> list:
-    params = list(trainable_parameters(ctx.model).values())
-    for p in params:
-        p.grad = None
-    loss_fn().backward()
-    return params
-
-
 def _memory_gradients(ctx, method, params) -> torch.Tensor:
     """The memory gradients the method used at its last step (same draws, same weights)."""
     rng = ctx.rng(f"gem:step:{method.steps}")
@@ -121,7 +112,7 @@ def test_real_conflicting_gradients_are_projected_and_no_memory_loss_increases_t
     parity = ctx.collate(ctx.encode(tasks[0].train[12:16]))
     letters = ctx.collate(ctx.encode(tasks[1].train[12:16]))
     # descend on capital_letters while ascending on parity: a conflict with parity's memory
-    params = _set_gradient(
+    params = set_gradient(
         ctx, lambda: ctx.forward(ctx.model, letters).loss - ctx.forward(ctx.model, parity).loss
     )
     before = flat_grad(params)
@@ -140,7 +131,7 @@ def test_a_gradient_that_agrees_with_every_memory_is_left_bitwise_unchanged(tmp_
     ctx, tasks, method = _gem_on_two_memories(tmp_path, memory_size=4, memory_batch_size=4)
     memories = [ctx.collate(method.memory.features(ctx, t)) for t in method.memory.tasks]
     # the sum of the memory losses: its gradient is G's row sum, which agrees with each row here
-    params = _set_gradient(ctx, lambda: sum(ctx.forward(ctx.model, b).loss for b in memories))
+    params = set_gradient(ctx, lambda: sum(ctx.forward(ctx.model, b).loss for b in memories))
     G = _memory_gradients(ctx, method, params)
     before = [p.grad.clone() for p in params]
     method.before_optimizer_step(ctx, ctx.model)
@@ -153,7 +144,7 @@ def test_nothing_happens_on_the_first_task(tmp_path):
     ctx, tasks = tiny_context(tmp_path, "gem")
     method = GEM()
     method.before_task(ctx, tasks[0])
-    params = _set_gradient(
+    params = set_gradient(
         ctx, lambda: ctx.forward(ctx.model, ctx.collate(ctx.encode(tasks[0].train[:4]))).loss
     )
     before = [p.grad.clone() for p in params]

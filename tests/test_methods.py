@@ -17,9 +17,8 @@ from retain.methods.registry import available, create_method, register
 from retain.methods.replay import Replay, ReplayConfig, reservoir_sample
 from retain.models.adapters import snapshot_trainable, trainable_parameters
 from retain.training.loop import run_experiment
-from retain.training.trainer import ContinualTrainer, FeatureDataset
 
-from .helpers import tiny_config, tiny_context
+from .helpers import tiny_config, tiny_context, train_one_task
 
 
 def _adapter(run_dir, index, name):
@@ -210,35 +209,21 @@ class _PenaltyOnly(ContinualMethod):
 
 @pytest.mark.parametrize("accumulation", [1, 4])
 def test_gradient_accumulation_counts_a_penalty_once_per_optimizer_step(tmp_path, accumulation):
-    from transformers import TrainingArguments
-
     ctx, tasks = tiny_context(tmp_path)
     method = _PenaltyOnly()
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "t"),
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=accumulation,
-        max_steps=1,
-        learning_rate=0.0,
-        report_to=[],
-        use_cpu=True,
-        remove_unused_columns=False,
-        save_strategy="no",
-        max_grad_norm=0.0,
-        disable_tqdm=True,
-    )
     with torch.no_grad():
         for p in trainable_parameters(ctx.model).values():
             p.fill_(0.1)
-    trainer = ContinualTrainer(
-        model=ctx.model,
-        args=args,
-        train_dataset=FeatureDataset(ctx.encode(tasks[0].train)),
-        data_collator=ctx.collate,
-        method=method,
-        ctx=ctx,
+    train_one_task(
+        ctx,
+        tasks,
+        method,
+        tmp_path / "t",
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        learning_rate=0.0,
+        max_grad_norm=0.0,
     )
-    trainer.train()
     (grads,) = method.grads
     # d/dp sum p^2 = 2p = 0.2, whatever the number of micro-batches.
     assert all(torch.allclose(g, torch.full_like(g, 0.2)) for g in grads.values())
@@ -258,32 +243,18 @@ class _GradientSpy(ContinualMethod):
 
 @pytest.mark.parametrize("max_grad_norm", [0.0, 1e-3])
 def test_before_optimizer_step_runs_once_per_step_on_the_unclipped_gradient(tmp_path, max_grad_norm):
-    from transformers import TrainingArguments
-
     ctx, tasks = tiny_context(tmp_path)
     method = _GradientSpy()
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "t"),
-        per_device_train_batch_size=2,
+    train_one_task(
+        ctx,
+        tasks,
+        method,
+        tmp_path / "t",
         gradient_accumulation_steps=2,
         max_steps=3,
         learning_rate=0.0,
-        report_to=[],
-        use_cpu=True,
-        remove_unused_columns=False,
-        save_strategy="no",
         max_grad_norm=max_grad_norm,
-        disable_tqdm=True,
     )
-    trainer = ContinualTrainer(
-        model=ctx.model,
-        args=args,
-        train_dataset=FeatureDataset(ctx.encode(tasks[0].train)),
-        data_collator=ctx.collate,
-        method=method,
-        ctx=ctx,
-    )
-    trainer.train()
     assert len(method.norms) == 3
     # A tiny clipping threshold would show as norms of 1e-3 if the hook ran after clipping.
     assert all(n > 10 * 1e-3 for n in method.norms)

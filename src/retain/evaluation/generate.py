@@ -167,27 +167,6 @@ def generate(
     return answers
 
 
-def generate_one_by_one(
-    model: Any,
-    tokenizer: Any,
-    prompts: list[list[int]],
-    max_new_tokens: int = 32,
-    batch_size: int = 32,
-    stop_strings: Sequence[str] = (),
-    progress: bool = True,
-    desc: str = "generating",
-) -> list[str]:
-    """`generate` one prompt at a time (no padding); the reference batched generation must match.
-
-    `batch_size` is accepted for a signature identical to `generate` and ignored.
-    """
-    return generate(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens=max_new_tokens,
-        batch_size=1,
-        stop_strings=stop_strings,
-        progress=progress,
-        desc=desc,
-    )
+def generate_one_by_one(model: Any, tokenizer: Any, prompts: list[list[int]], **options: Any) -> list[str]:
+    """`generate` one prompt at a time (no padding): the reference the batched generation must match."""
+    return generate(model, tokenizer, prompts, **{**options, "batch_size": 1})

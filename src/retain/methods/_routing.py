@@ -27,6 +27,7 @@ from retain.data.formats import Example
 from retain.errors import RetainError
 from retain.methods.base import ContinualMethod, MethodContext
 from retain.models.adapters import activate_adapters, peft_model, unwrap
+from retain.training.trainer import hidden_states
 
 if TYPE_CHECKING:
     from retain.data.streams import Task
@@ -83,14 +84,7 @@ def prompt_features(
     try:
         with inner.disable_adapter():
             for batch in prompt_batches(ctx, examples, batch_size):
-                hidden = inner(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    position_ids=batch["position_ids"],
-                    output_hidden_states=True,
-                    logits_to_keep=1,
-                    use_cache=False,
-                ).hidden_states[layer]
+                hidden = hidden_states(inner, batch)[layer]
                 hidden = hidden.float().cpu()
                 if pool == "last":
                     out.append(hidden[:, -1])  # left padding: every prompt ends at the last column

@@ -50,7 +50,7 @@ from retain.errors import RetainError
 from retain.methods.base import ContinualMethod, MethodContext, StepOutputs
 from retain.methods.registry import register
 from retain.models.adapters import unwrap
-from retain.training.trainer import response_forward_with_hidden
+from retain.training.trainer import hidden_states, response_forward_with_hidden
 
 logger = logging.getLogger(__name__)
 
@@ -267,14 +267,7 @@ class GeRe(ContinualMethod):
             for start in range(0, len(self.features), size):
                 chunk = self.features[start : start + size]
                 batch = {k: v.to(device) for k, v in ctx.collate(chunk).items()}
-                hidden = inner(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    position_ids=batch["position_ids"],
-                    output_hidden_states=True,
-                    logits_to_keep=1,
-                    use_cache=False,
-                ).hidden_states[-1]
+                hidden = hidden_states(inner, batch)[-1]
                 for row, feature in zip(hidden, chunk, strict=True):
                     yield row[row.shape[0] - len(feature["input_ids"]) :].float()
 

@@ -88,6 +88,18 @@ def response_forward_with_hidden(
     return outputs, out.hidden_states
 
 
+def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Every layer's hidden states for a collated batch (embeddings first), with only one logit computed."""
+    return model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        output_hidden_states=True,
+        logits_to_keep=1,
+        use_cache=False,
+    ).hidden_states
+
+
 class FeatureDataset(torch.utils.data.Dataset):
     """A list of encoded examples."""
 
