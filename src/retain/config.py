@@ -100,6 +100,13 @@ class EvalConfig:
     before_training: bool = field(
         default=True, metadata={"help": "evaluate the untrained model (row 0, FWT)"}
     )
+    mode: str = field(
+        default="generate",
+        metadata={
+            "help": "generate: greedy answers, scored by the task's scorer; rank: for tasks with a label "
+            "set, pick the label with the highest log-likelihood (one forward pass, no generation)"
+        },
+    )
 
 
 @dataclass
@@ -339,6 +346,8 @@ def validate(config: RunConfig) -> None:
     _positive(config.train.cutoff_len, "train.cutoff_len", allow_none=False)
     _positive(config.eval.max_new_tokens, "eval.max_new_tokens", allow_none=False)
     _positive(config.eval.batch_size, "eval.batch_size", allow_none=False)
+    if config.eval.mode not in ("generate", "rank"):
+        raise RetainError(f"config: eval.mode must be 'generate' or 'rank', got {config.eval.mode!r}")
     if config.train.max_steps <= 0:
         _positive(config.train.num_train_epochs, "train.num_train_epochs", allow_none=False)
     if str(config.train.bf16).lower() not in ("auto", "true", "false"):

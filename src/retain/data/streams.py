@@ -34,6 +34,8 @@ class Task:
     test: list[Example]
     scorer: str
     notes: list[str] = field(default_factory=list)
+    # The closed set of answer strings of a classification task (None: open-ended answers).
+    labels: list[str] | None = None
 
 
 def _seed_for(*parts: object) -> int:
