@@ -1,4 +1,4 @@
-"""The `retain` command: run, train, eval, metrics, methods.
+"""The `retain` command: run, train, eval, metrics, methods, benchmarks, compare.
 
 User mistakes (bad config, data or paths) print one `error:` line on stderr and exit with code 2, with
 no traceback and without touching an existing run directory.
@@ -63,8 +63,14 @@ def print_plan(plan) -> None:
     components = getattr(plan.method, "components", [plan.method])
     settings = "; ".join(f"{c.name} {c.config}" if c.config is not None else c.name for c in components)
     console.print(f"[bold]method[/bold] {settings}")
+    benchmark = plan.stream.benchmark if plan.stream else None
+    if benchmark:
+        console.print(
+            f"[bold]benchmark[/bold] {benchmark['name']} ({benchmark['layout']}), {benchmark['order']}, "
+            f"from {benchmark['dir']}"
+        )
     table = Table(title="task stream")
-    for column in ("#", "task", "train", "test", "scorer", "steps"):
+    for column in ("#", "task", "train", "test", "scorer", "labels", "steps"):
         table.add_column(column)
     batch = config.train.per_device_train_batch_size * config.train.gradient_accumulation_steps
     for i, unit in enumerate(plan.train_units, 1):
@@ -80,9 +86,20 @@ def print_plan(plan) -> None:
             str(len(unit.train)),
             str(sum(len(t.test) for t in tests)),
             ", ".join(sorted({t.scorer for t in tests})),
+            "-" if unit.labels is None else str(len(unit.labels)),
             str(steps),
         )
     console.print(table)
+    if config.eval.mode == "rank":
+        ranked = [t.name for t in plan.tasks if t.labels]
+        console.print(
+            f"[bold]eval[/bold] rank mode (label log-likelihood) for: {', '.join(ranked) or 'none'}"
+        )
+    for warning in plan.stream.warnings if plan.stream else []:
+        console.print(f"[yellow]warning[/yellow] {warning}")
+    for task in plan.tasks:
+        for finding in task.hygiene:
+            console.print(f"[yellow]data check[/yellow] {task.name}: {finding.message}")
     out = os.path.abspath(config.output_dir)
     console.print(
         f"[bold]output[/bold] {out}/ (config.yaml, state.json, tasks/<k>-<task>/, eval/<k>/<task>.jsonl, "
@@ -159,6 +176,63 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_benchmarks(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from retain.data.benchmarks import BUILTIN, benchmark_dir, find_benchmark
+
+    root = benchmark_dir(args.dir or "")
+    console = _console()
+    benchmarks = [find_benchmark(name, root) for name in args.names or BUILTIN]
+    table = Table(
+        title="benchmarks" + (f" (data: {root})" if root else " (no --dir / $RETAIN_BENCHMARK_DIR)")
+    )
+    for column in ("benchmark", "layout", "tasks", "orders", "expected under the data folder", "present"):
+        table.add_column(column, overflow="fold")
+    for benchmark in benchmarks:
+        present = "-"
+        if root and os.path.isdir(root):
+            located = benchmark.locate(root)
+            incomplete = [t for t in benchmark.task_names if t not in located or located[t].missing()]
+            present = f"{len(benchmark.task_names) - len(incomplete)}/{len(benchmark.task_names)} complete"
+            if incomplete:
+                present += "; missing files: " + ", ".join(incomplete)
+        table.add_row(
+            benchmark.name,
+            benchmark.layout,
+            str(len(benchmark.task_names)),
+            ", ".join(f"{order} ({len(tasks)})" for order, tasks in benchmark.orders.items()),
+            benchmark.expected,
+            present,
+        )
+    console.print(table)
+    if args.names:
+        for benchmark in benchmarks:
+            console.print(f"[bold]{benchmark.name}[/bold]: {benchmark.description}")
+            for order, tasks in benchmark.orders.items():
+                console.print(f"  {order}: {' -> '.join(tasks)}")
+    else:
+        console.print("task orders: retain benchmarks NAME")
+    console.print(
+        "run: retain run CONFIG benchmark=NAME benchmark_order=order1 benchmark_dir=PATH "
+        "[max_tasks=N | tasks=[a,b]]",
+        markup=False,
+    )
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from retain.evaluation.compare import compare_markdown
+
+    table = compare_markdown(args.run_dirs, sort=args.sort)
+    if args.output:
+        from retain.evaluation.report import write_text_atomic
+
+        write_text_atomic(args.output, table)
+    print(table, end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="retain", description="Continual instruction tuning of language models."
@@ -194,6 +268,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods = sub.add_parser("methods", help="list the methods and their hyper-parameters")
     methods.set_defaults(func=cmd_methods)
+
+    benchmarks = sub.add_parser("benchmarks", help="list the built-in benchmarks and which files are present")
+    benchmarks.add_argument("names", nargs="*", help="only these benchmarks")
+    benchmarks.add_argument("--dir", help="benchmark data folder to check (default: $RETAIN_BENCHMARK_DIR)")
+    benchmarks.set_defaults(func=cmd_benchmarks)
+
+    compare = sub.add_parser("compare", help="one markdown table of several runs, sorted by a metric")
+    compare.add_argument("run_dirs", nargs="+", help="run directories (or their results.json)")
+    compare.add_argument("--sort", default="last", help="last, avg, bwt, fwt, forgetting, time or name")
+    compare.add_argument("--output", help="also write the table to this markdown file")
+    compare.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -64,7 +64,25 @@ class StreamConfig:
         default="",
         metadata={"help": "system prompt for examples without one (empty: the template's default)"},
     )
-    tasks: list[TaskConfig] = field(default_factory=list)
+    tasks: list[TaskConfig] = field(
+        default_factory=list,
+        metadata={"help": "the tasks in training order; with a benchmark, the names of the tasks to run"},
+    )
+    benchmark: str = field(
+        default="", metadata={"help": "a benchmark (retain benchmarks lists them) instead of a task list"}
+    )
+    benchmark_order: str = field(default="", metadata={"help": "the benchmark's task order (default: first)"})
+    benchmark_dir: str = field(
+        default="", metadata={"help": "folder holding the benchmark's files (default: $RETAIN_BENCHMARK_DIR)"}
+    )
+    max_tasks: int | None = field(default=None, metadata={"help": "run only the first N tasks of the order"})
+    allow_missing: bool = field(
+        default=False, metadata={"help": "drop benchmark tasks whose files are missing, with a warning"}
+    )
+    hygiene: bool = field(
+        default=True,
+        metadata={"help": "check data for dev == test, test in train, duplicates, labels outside the set"},
+    )
 
 
 @dataclass
@@ -140,6 +158,13 @@ FLAT_ALIASES: dict[str, str] = {
     "bf16": "train.bf16",
     "dataset_dir": "stream.dataset_dir",
     "tasks": "stream.tasks",
+    "train_size": "stream.train_size",
+    "test_size": "stream.test_size",
+    "benchmark": "stream.benchmark",
+    "benchmark_order": "stream.benchmark_order",
+    "benchmark_dir": "stream.benchmark_dir",
+    "max_tasks": "stream.max_tasks",
+    "allow_missing": "stream.allow_missing",
     "max_new_tokens": "eval.max_new_tokens",
 }
 SECTION_ALIASES = {"model": {"model_name_or_path": "name_or_path"}}
@@ -319,10 +344,12 @@ def load_config(path: str, overrides: list[str] | None = None) -> RunConfig:
     config = config_from_dict(read_yaml(path), source=path, overrides=overrides)
     base = os.path.dirname(os.path.abspath(path))
     # Relative data paths in a config are relative to the config file, as users expect.
-    if config.stream.dataset_dir and not os.path.isabs(config.stream.dataset_dir):
-        candidate = os.path.join(base, config.stream.dataset_dir)
-        if os.path.isdir(candidate) and not os.path.isdir(config.stream.dataset_dir):
-            config.stream.dataset_dir = candidate
+    for key in ("dataset_dir", "benchmark_dir"):
+        folder = getattr(config.stream, key)
+        if folder and not os.path.isabs(folder):
+            candidate = os.path.join(base, folder)
+            if os.path.isdir(candidate) and not os.path.isdir(folder):
+                setattr(config.stream, key, candidate)
     return config
 
 
@@ -358,9 +385,11 @@ def validate(config: RunConfig) -> None:
         logger.info(
             "template '%s': retain renders prompts with the model's own chat template", config.model.template
         )
-    if not config.stream.tasks:
+    _positive(config.stream.max_tasks, "stream.max_tasks")
+    if not config.stream.tasks and not config.stream.benchmark:
         raise RetainError(
-            "config: stream.tasks is empty; list at least one task (see examples/quickstart.yaml)"
+            "config: stream.tasks is empty; list at least one task (see examples/quickstart.yaml) or name a "
+            "benchmark (retain benchmarks lists them)"
         )
     seen = set()
     for i, task in enumerate(config.stream.tasks):

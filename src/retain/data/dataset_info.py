@@ -33,7 +33,7 @@ def _read_text(path: str) -> str:
         raise RetainError(f"{path}: not UTF-8 text ({err.reason}); save the file as UTF-8") from err
 
 
-def _read_json(path: str) -> Any:
+def read_json(path: str) -> Any:
     """Parse a JSON file; a syntax error names the file, line and column so the user can fix it."""
     try:
         return json.loads(_read_text(path))
@@ -49,7 +49,7 @@ def load_dataset_info(dataset_dir: str) -> dict:
             f"{path} does not exist; set dataset_dir to the folder holding {DATASET_INFO}, "
             "or give a path to a .json/.jsonl file instead of a dataset name"
         )
-    info = _read_json(path)
+    info = read_json(path)
     if not isinstance(info, dict):
         raise RetainError(
             f"{path}: expected an object mapping dataset names to entries, got {type(info).__name__}"
@@ -57,7 +57,7 @@ def load_dataset_info(dataset_dir: str) -> dict:
     return info
 
 
-def _read_records(path: str) -> list[Any]:
+def read_records(path: str) -> list[Any]:
     """Records of one .json (a list, or JSON lines under a .json name) or .jsonl file."""
     text = _read_text(path)
     if path.endswith(".jsonl"):
@@ -183,7 +183,7 @@ def load_examples(spec: str, dataset_dir: str | None = None) -> list[Example]:
     if path is not None or spec.endswith(_EXTENSIONS):
         if path is None:
             raise RetainError(f"data file {spec} does not exist; fix the path")
-        records = _read_records(path)
+        records = read_records(path)
         formatting, columns, tags = _guess_format(records[0] if records else None)
         examples = _parse_records(records, path, formatting, columns, tags, name=spec)
         if not examples:
@@ -207,7 +207,7 @@ def load_examples(spec: str, dataset_dir: str | None = None) -> list[Example]:
     formatting = entry.get("formatting", "alpaca")
     examples = []
     for file in _files(os.path.join(dataset_dir, entry["file_name"]), spec):
-        records = _read_records(file)
+        records = read_records(file)
         examples += _parse_records(
             records, file, formatting, entry.get("columns", {}), entry.get("tags", {}), spec
         )

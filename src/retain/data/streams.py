@@ -1,19 +1,26 @@
-"""Task streams: turn the config's task list into Task records holding their train and test examples.
+"""Task streams: turn the config's task list (or benchmark) into Task records holding their examples.
 
-A task's data is a dataset_info.json name, a file path, or `synthetic:<name>` (built-in generated data).
+A task's data is a dataset_info.json name, a file path, or `synthetic:<name>` (built-in generated data);
+with `stream.benchmark`, the tasks are a named benchmark's order (see `retain.data.benchmarks`).
 Everything is loaded and checked here, before a run directory is touched, so bad input costs nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+import os
 import random
 from dataclasses import dataclass, field
 
+from tqdm.auto import tqdm
+
 from retain.config import RunConfig, TaskConfig
+from retain.data.benchmarks import benchmark_dir, benchmark_tasks, find_benchmark, infer_labels, select_tasks
 from retain.data.dataset_info import load_examples
 from retain.data.formats import Example
+from retain.data.hygiene import Finding, check_task
 from retain.data.synthetic import SYNTHETIC_TASKS, load_synthetic
 from retain.errors import RetainError
 
@@ -36,6 +43,7 @@ class Task:
     notes: list[str] = field(default_factory=list)
     # The closed set of answer strings of a classification task (None: open-ended answers).
     labels: list[str] | None = None
+    hygiene: list[Finding] = field(default_factory=list)  # data problems found before subsampling
 
 
 def _seed_for(*parts: object) -> int:
@@ -57,14 +65,45 @@ def _load_spec(spec: str, dataset_dir: str | None, n: int | None, seed: int, spl
     return load_examples(spec, dataset_dir or None)
 
 
+def _with_system(examples: list[Example], system: str) -> list[Example]:
+    return [e if e.system or not system else Example(e.messages, system, e.meta) for e in examples]
+
+
+def finish_task(
+    cfg: TaskConfig,
+    run: RunConfig,
+    train: list[Example],
+    test: list[Example],
+    scorer: str,
+    dev: list[Example] | None = None,
+    labels: list[str] | None = None,
+    labels_declared: bool = False,
+    notes: list[str] | None = None,
+) -> Task:
+    """Check (hygiene, on the full splits), subsample and add the default system prompt."""
+    findings = check_task(cfg.name, train, test, dev, labels, labels_declared) if run.stream.hygiene else []
+    train = subsample(train, cfg.train_size, run.seed, f"{cfg.name}/train")
+    test = subsample(test, cfg.test_size, run.seed, f"{cfg.name}/test")
+    return Task(
+        name=cfg.name,
+        train=_with_system(train, run.stream.system),
+        test=_with_system(test, run.stream.system),
+        scorer=scorer,
+        notes=list(notes or []),
+        labels=labels,
+        hygiene=findings,
+    )
+
+
 def build_task(cfg: TaskConfig, run: RunConfig) -> Task:
-    """Load, split and subsample one task's data."""
+    """Load, split, check and subsample one task's data."""
     dataset_dir = run.stream.dataset_dir or None
+    synthetic = cfg.train.startswith(SYNTHETIC_PREFIX)
     train = _load_spec(cfg.train, dataset_dir, cfg.train_size, run.seed, "train")
     notes: list[str] = []
     if cfg.test:
         test = _load_spec(cfg.test, dataset_dir, cfg.test_size, run.seed, "test")
-    elif cfg.train.startswith(SYNTHETIC_PREFIX):
+    elif synthetic:
         test = _load_spec(cfg.train, dataset_dir, cfg.test_size, run.seed, "test")
     else:
         # No test set named: hold out a deterministic slice of the training data.
@@ -77,27 +116,100 @@ def build_task(cfg: TaskConfig, run: RunConfig) -> Task:
         notes.append(f"no test set given: {n_test} training examples held out for testing")
         if not train:
             raise RetainError(f"task '{cfg.name}': {cfg.train} has too few examples to hold out a test set")
-    train = subsample(train, cfg.train_size, run.seed, f"{cfg.name}/train")
-    test = subsample(test, cfg.test_size, run.seed, f"{cfg.name}/test")
-    if run.stream.system:
-        train, test = (
-            [e if e.system else Example(e.messages, run.stream.system, e.meta) for e in split]
-            for split in (train, test)
-        )
     scorer = cfg.scorer
     if not scorer:
-        name = cfg.train[len(SYNTHETIC_PREFIX) :] if cfg.train.startswith(SYNTHETIC_PREFIX) else ""
+        name = cfg.train[len(SYNTHETIC_PREFIX) :] if synthetic else ""
         scorer = SYNTHETIC_TASKS[name].scorer if name in SYNTHETIC_TASKS else "normalized"
-    return Task(name=cfg.name, train=train, test=test, scorer=scorer, notes=notes)
+    if synthetic:
+        # Generated tasks repeat short examples by design: hygiene checks would only report noise.
+        return finish_task(cfg, dataclasses.replace(run, stream=_no_hygiene(run)), train, test, scorer)
+    labels, source = infer_labels(train)
+    return finish_task(
+        cfg,
+        run,
+        train,
+        test,
+        scorer,
+        labels=labels,
+        labels_declared=source == "instruction options",
+        notes=notes,
+    )
 
 
-def build_stream(run: RunConfig) -> list[Task]:
-    """All tasks of the run, loaded and checked."""
+def _no_hygiene(run: RunConfig):
+    return dataclasses.replace(run.stream, hygiene=False)
+
+
+def _benchmark_tasks(run: RunConfig) -> tuple[list[Task], list[str], dict]:
+    """The selected tasks of `run.stream.benchmark`, loaded in order, with warnings and a description."""
+    stream = run.stream
+    root = benchmark_dir(stream.benchmark_dir)
+    benchmark = find_benchmark(stream.benchmark, root)
+    names = select_tasks(benchmark, stream.benchmark_order, [t.name for t in stream.tasks], stream.max_tasks)
+    located, warnings = benchmark_tasks(benchmark, root, names, stream.allow_missing)
+    chosen = {t.name: t for t in stream.tasks}
+    tasks = []
+    for item in tqdm(located, desc=f"loading {benchmark.name}", unit="task", disable=len(located) < 3):
+        cfg = chosen.get(item.name) or TaskConfig(
+            name=item.name, train=item.name, train_size=stream.train_size, test_size=stream.test_size
+        )
+        train, test = item.read(item.files["train"]), item.read(item.files["test"])
+        dev_file = item.files.get("dev")
+        dev = item.read(dev_file) if dev_file and os.path.isfile(dev_file) and stream.hygiene else None
+        declared = item.read_labels() if item.read_labels else None
+        labels, source = (declared, "declared") if declared else infer_labels(train)
+        tasks.append(
+            finish_task(
+                cfg,
+                run,
+                train,
+                test,
+                cfg.scorer or item.scorer,
+                dev=dev,
+                labels=labels,
+                labels_declared=source in ("declared", "instruction options"),
+            )
+        )
+    described = {
+        "name": benchmark.name,
+        "layout": benchmark.layout,
+        "order": stream.benchmark_order or next(iter(benchmark.orders)),
+        "dir": os.path.abspath(root),
+        "tasks": [t.name for t in tasks],
+    }
+    return tasks, warnings, described
+
+
+@dataclass
+class Stream:
+    """The loaded tasks plus what a report must say about them."""
+
+    tasks: list[Task]
+    warnings: list[str] = field(default_factory=list)  # e.g. tasks dropped for missing files
+    benchmark: dict | None = None  # name, layout, order, dir, tasks when the stream is a benchmark
+
+
+def load_stream(run: RunConfig) -> Stream:
+    """All tasks of the run, loaded and checked, with the warnings the run's report repeats."""
     from retain.evaluation.scoring import get_scorer
 
-    tasks = [build_task(cfg, run) for cfg in run.stream.tasks]
+    warnings: list[str] = []
+    benchmark = None
+    if run.stream.benchmark:
+        tasks, warnings, benchmark = _benchmark_tasks(run)
+    else:
+        tasks = [build_task(cfg, run) for cfg in run.stream.tasks]
+    for warning in warnings:
+        logger.warning("%s", warning)
     for task in tasks:
         get_scorer(task.scorer)  # unknown scorer names fail here, before training
         for note in task.notes:
             logger.warning("task %s: %s", task.name, note)
-    return tasks
+        for finding in task.hygiene:
+            logger.warning("data check, task %s: %s", task.name, finding.message)
+    return Stream(tasks=tasks, warnings=warnings, benchmark=benchmark)
+
+
+def build_stream(run: RunConfig) -> list[Task]:
+    """All tasks of the run, loaded and checked."""
+    return load_stream(run).tasks

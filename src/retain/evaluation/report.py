@@ -15,7 +15,10 @@
 - `method` (str): the continual-learning method's registered name.
 - `timings` (dict): wall-clock seconds, e.g. `{"train": [..per task..], "eval": [...], "total": s}`;
   free-form, written as given.
-- any keys of `extra` (e.g. `config`, `versions`, `seed`), at the top level, written as given.
+- any keys of `extra` (e.g. `config`, `versions`, `seed`), at the top level, written as given. A run
+  writes `eval_mode` (task -> "generate" | "rank"), `data_checks` ({"warnings": [str], "findings":
+  [{"task", "check", "count", "message"}]}) and, for a benchmark run, `benchmark` ({"name", "layout",
+  "order", "dir", "tasks"}).
 """
 
 from __future__ import annotations
@@ -217,7 +220,35 @@ def markdown_report(results: dict) -> str:
     lines += ["", "## Metrics (%)", "", "| metric | value |", "| --- | ---: |"]
     for name in METRIC_NAMES:
         lines.append(f"| {METRIC_LABELS[name]} | {_metric_value(name, results['metrics'].get(name))} |")
+    lines += _run_notes(results)
     return "\n".join(lines) + "\n"
+
+
+def _run_notes(results: dict) -> list[str]:
+    """Markdown sections on how the numbers were obtained: benchmark, scoring mode, data checks."""
+    lines: list[str] = []
+    benchmark = results.get("benchmark")
+    if benchmark:
+        lines += [
+            "",
+            "## Benchmark",
+            "",
+            f"{benchmark['name']} ({benchmark['layout']} layout), {benchmark['order']}: "
+            f"{', '.join(benchmark['tasks'])}; data from `{benchmark['dir']}`.",
+        ]
+    ranked = [task for task, mode in (results.get("eval_mode") or {}).items() if mode == "rank"]
+    if ranked:
+        lines += [
+            "",
+            f"Scored by ranking the label set by log-likelihood (eval.mode: rank), not by generation: "
+            f"{', '.join(ranked)}.",
+        ]
+    checks = results.get("data_checks") or {}
+    if checks.get("warnings") or checks.get("findings"):
+        lines += ["", "## Data checks", ""]
+        lines += [f"- **warning:** {_md_cell(w)}" for w in checks.get("warnings", [])]
+        lines += [f"- {_md_cell(f['task'])}: {_md_cell(f['message'])}" for f in checks.get("findings", [])]
+    return lines
 
 
 def write_report(run_dir: str | os.PathLike, results: dict) -> None:

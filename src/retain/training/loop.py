@@ -21,7 +21,7 @@ from transformers import TrainingArguments, set_seed
 
 from retain.config import RunConfig
 from retain.data.encode import encode_dataset
-from retain.data.streams import Task, build_stream
+from retain.data.streams import Stream, Task, load_stream
 from retain.errors import RetainError
 from retain.evaluation.evaluate import evaluate_row
 from retain.evaluation.report import build_results, write_report
@@ -65,6 +65,7 @@ class Plan:
     tasks: list[Task]
     method: ContinualMethod
     train_units: list[Task] = field(default_factory=list)  # what is trained: the tasks, or one joint task
+    stream: Stream | None = None  # warnings and benchmark description for the report
 
     @property
     def joint(self) -> bool:
@@ -80,12 +81,13 @@ def make_plan(config: RunConfig) -> Plan:
         )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not method.supports_multiprocess:
         raise RetainError(f"method '{method.name}' does not support more than one process yet")
-    tasks = build_stream(config)
+    stream = load_stream(config)
+    tasks = stream.tasks
     units = tasks
     if method.joint_training:
         joint = [example for task in tasks for example in task.train]
         units = [Task(name="multitask", train=joint, test=[], scorer="exact")]
-    return Plan(config=config, tasks=tasks, method=method, train_units=units)
+    return Plan(config=config, tasks=tasks, method=method, train_units=units, stream=stream)
 
 
 def check_encoding(plan: Plan, tokenizer) -> None:
@@ -253,7 +255,16 @@ def _results(plan: Plan, state: dict) -> dict:
         "adapters": state.get("adapters", []),
         "train_sizes": {t.name: len(t.train) for t in plan.tasks},
         "test_sizes": {t.name: len(t.test) for t in plan.tasks},
+        "eval_mode": {
+            t.name: "rank" if config.eval.mode == "rank" and t.labels else "generate" for t in plan.tasks
+        },
+        "data_checks": {
+            "warnings": plan.stream.warnings if plan.stream else [],
+            "findings": [f.to_dict() for t in plan.tasks for f in t.hygiene],
+        },
     }
+    if plan.stream and plan.stream.benchmark:
+        extra["benchmark"] = plan.stream.benchmark
     return build_results(
         [t.name for t in plan.tasks], rows, plan.method.name, timings, extra=extra, joint=plan.joint
     )

@@ -1,0 +1,75 @@
+"""What every benchmark layout provides: named task orders, and for each task where its files are and how
+to read them into `Example`s.
+
+A layout (EasyCL, O-LoRA, TRACE) knows a folder structure and a prompt format; a `Benchmark` is one named
+benchmark in one layout, with its orders. `locate(root)` maps a data folder to `BenchmarkTask`s whose
+files may or may not exist, so a run can report every missing file before anything trains.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from retain.data.formats import Example
+
+# More distinct answers than this and a task is treated as open-ended (no label set).
+MAX_INFERRED_LABELS = 20
+_OPTION_LINE = re.compile(r"Option:\s*(.+?)\s*$", re.MULTILINE)
+
+
+@dataclass
+class BenchmarkTask:
+    """One task of a benchmark: its files (which may be missing) and how to read and score them."""
+
+    name: str
+    files: dict[str, str]  # split ("train", "test", "dev", "labels") -> path
+    read: Callable[[str], list[Example]]  # reads the train/test/dev file of this task
+    scorer: str = "accuracy"
+    read_labels: Callable[[], list[str]] | None = None  # the declared label set, when the layout ships one
+    required: tuple[str, ...] = ("train", "test")
+
+    def missing(self) -> list[str]:
+        """The required files that do not exist, as paths."""
+        return [self.files[split] for split in self.required if not os.path.isfile(self.files[split])]
+
+
+@dataclass
+class Benchmark:
+    """A named benchmark: its layout, task orders, and where its files are expected."""
+
+    name: str
+    layout: str
+    description: str
+    orders: dict[str, list[str]]
+    expected: str  # where the data is expected, relative to benchmark_dir, for messages and listings
+    locate: Callable[[str], dict[str, BenchmarkTask]]  # benchmark_dir -> every task's files
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def task_names(self) -> list[str]:
+        """Every task named in any order, first-seen order."""
+        return list(dict.fromkeys(name for order in self.orders.values() for name in order))
+
+
+def options_in(text: str) -> list[str] | None:
+    """The label set an instruction spells out as `Option: a, b, c` (EasyCL's and O-LoRA's convention)."""
+    match = _OPTION_LINE.search(text)
+    if not match:
+        return None
+    labels = [label.strip() for label in match.group(1).split(",") if label.strip()]
+    return labels or None
+
+
+def infer_labels(train: list[Example]) -> tuple[list[str] | None, str]:
+    """A task's label set and where it came from: the instruction's options, else the distinct training
+    answers when there are few of them (None for open-ended tasks)."""
+    declared = options_in(train[0].messages[-2]["content"]) if train and len(train[0].messages) > 1 else None
+    if declared:
+        return declared, "instruction options"
+    answers = list(dict.fromkeys(e.reference.strip() for e in train))
+    if 1 < len(answers) <= MAX_INFERRED_LABELS and len(answers) * 10 <= len(train):
+        return sorted(answers), "distinct training answers"
+    return None, ""
