@@ -267,3 +267,22 @@ def test_benchmarks_command_lists_definitions_and_present_files(tmp_path):
     assert "order2: gamma -> beta -> alpha" in listed.stdout
     everything = retain("benchmarks")
     assert all(name in everything.stdout for name in ("ABSACL_ATSC", "LNT", "LFPT5", "olora", "TRACE"))
+
+
+def test_hygiene_counts_duplicates_and_unseen_labels():
+    from retain.data.formats import Example
+    from retain.data.hygiene import check_task
+
+    def ex(q: str, a: str) -> Example:
+        return Example([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+
+    train = [ex("a", "pos"), ex("a", "pos"), ex("b", "neg"), ex("c", "neg")]
+    test = [ex("d", "neutral"), ex("e", "pos"), ex("e", "pos")]
+    findings = {
+        f.check: f for f in check_task("t", train, test, labels=["neg", "pos"], labels_declared=False)
+    }
+    assert findings.keys() == {"duplicates", "unseen_test_labels"}
+    assert findings["unseen_test_labels"].count == 1 and "neutral" in findings["unseen_test_labels"].message
+    duplicates = [f for f in check_task("t", train, test) if f.check == "duplicates"]
+    assert [f.count for f in duplicates] == [1, 1]
+    assert check_task("t", train[2:], test[:2], labels=["neg", "pos", "neutral"]) == []
