@@ -1,41 +1,73 @@
-"""Evaluate the model on every task of the stream: one row of the accuracy matrix per call."""
+"""Evaluate the model on every task of the stream: one row of the accuracy matrix per call.
+
+With `eval.mode: generate` every task's test prompts are answered by greedy generation. With
+`eval.mode: rank`, a task with a label set (`Task.labels`) is answered by ranking its labels by
+log-likelihood instead (retain.evaluation.rank); tasks without labels are still generated.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
+from torch import nn
 
 from retain.data.encode import encode_prompt
 from retain.evaluation.generate import generate
+from retain.evaluation.rank import rank_labels
 from retain.evaluation.report import write_text_atomic
-from retain.evaluation.scoring import get_scorer
+from retain.evaluation.scoring import needs_source, score
 from retain.methods.base import ContinualMethod, MethodContext
 
+T = TypeVar("T")
+# answer(model, indices of the test examples to answer, progress-bar suffix) -> one result per index
+Answerer = Callable[[nn.Module, list[int], str], list[T]]
 
-def _answer(
-    method: ContinualMethod, ctx: MethodContext, task, prompts, routes, row, **generation
-) -> list[str]:
-    """Predictions for `prompts`, generated route by route when the method routes instances."""
+
+def _by_route(
+    method: ContinualMethod, ctx: MethodContext, task, routes: list[str] | None, answer: Answerer[T]
+) -> list[T]:
+    """Results for every test example of `task`, answered route by route when the method routes instances."""
     if routes is None:
-        model = method.eval_model(ctx, task)
-        return generate(model, ctx.tokenizer, prompts, desc=f"eval row {row}: {task.name}", **generation)
-    predictions = [""] * len(prompts)
+        return answer(method.eval_model(ctx, task), list(range(len(task.test))), "")
+    results: list[Any] = [None] * len(task.test)
     for route in dict.fromkeys(routes):
         members = [i for i, r in enumerate(routes) if r == route]
         model = method.activate_route(ctx, route)
-        answers = generate(
+        for i, result in zip(members, answer(model, members, f" [{route}]"), strict=True):
+            results[i] = result
+    return results
+
+
+def _generated(ctx: MethodContext, task, row: int, **generation: Any) -> Answerer[str]:
+    prompts = [encode_prompt(ctx.tokenizer, example) for example in task.test]
+
+    def answer(model: nn.Module, members: list[int], suffix: str) -> list[str]:
+        desc = f"eval row {row}: {task.name}{suffix}"
+        return generate(model, ctx.tokenizer, [prompts[i] for i in members], desc=desc, **generation)
+
+    return answer
+
+
+def _ranked(
+    ctx: MethodContext, task, labels: list[str], row: int, batch_size: int
+) -> Answerer[tuple[str, list[float]]]:
+    def answer(model: nn.Module, members: list[int], suffix: str) -> list[tuple[str, list[float]]]:
+        chosen, scores = rank_labels(
             model,
             ctx.tokenizer,
-            [prompts[i] for i in members],
-            desc=f"eval row {row}: {task.name} [{route}]",
-            **generation,
+            [task.test[i] for i in members],
+            labels,
+            batch_size=batch_size,
+            desc=f"eval row {row}: {task.name}{suffix} (rank)",
         )
-        for i, answer in zip(members, answers, strict=True):
-            predictions[i] = answer
-    return predictions
+        return list(zip(chosen, scores, strict=True))
+
+    return answer
 
 
 def evaluate_row(
@@ -47,27 +79,44 @@ def evaluate_row(
     batch_size: int,
     bf16: bool = False,
 ) -> list[float]:
-    """Score every task's test set; write one JSONL of predictions per task; return the mean scores."""
+    """Score every task's test set; write one JSONL of predictions per task; return the mean scores.
+
+    `batch_size` is prompts per batch in both modes (rank mode scores every label of a batch's prompts).
+    """
     scores_row = []
     autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    rank_mode = ctx.config.eval.mode == "rank"
     for task, out_file in zip(ctx.tasks, out_files, strict=True):
-        prompts = [encode_prompt(ctx.tokenizer, example) for example in task.test]
+        # Duplicate labels would only split ties; the order is kept so ties go to the first label.
+        labels = list(dict.fromkeys(task.labels or [])) if rank_mode else []
         routes = method.eval_routes(ctx, task)
+        label_scores: list[list[float]] | None = None
         with autocast:
-            predictions = _answer(
-                method, ctx, task, prompts, routes, row, max_new_tokens=max_new_tokens, batch_size=batch_size
-            )
-        scorer = get_scorer(task.scorer)
+            if labels:
+                ranked = _by_route(method, ctx, task, routes, _ranked(ctx, task, labels, row, batch_size))
+                predictions = [label for label, _ in ranked]
+                label_scores = [scores for _, scores in ranked]
+            else:
+                answer = _generated(ctx, task, row, max_new_tokens=max_new_tokens, batch_size=batch_size)
+                predictions = _by_route(method, ctx, task, routes, answer)
+        with_source = needs_source(task.scorer)
         lines, scores = [], []
         for i, (example, prediction) in enumerate(zip(task.test, predictions, strict=True)):
-            score = float(scorer(prediction, example.reference))
-            scores.append(score)
-            record = {
+            # The source of a rewriting task (SARI) is the text the model was given: the last user turn.
+            source = example.prompt_messages[-1]["content"] if with_source else None
+            value = score(task.scorer, prediction, example.reference, source)
+            scores.append(value)
+            record: dict[str, Any] = {
                 "prompt": example.prompt_messages,
                 "prediction": prediction,
                 "reference": example.reference,
-                "score": score,
+                "score": value,
             }
+            if label_scores is not None:
+                record["mode"] = "rank"
+                record["label_scores"] = {
+                    label: round(ll, 4) for label, ll in zip(labels, label_scores[i], strict=True)
+                }
             if routes is not None:
                 record["route"] = routes[i]
             lines.append(json.dumps(record, ensure_ascii=False))

@@ -1,34 +1,62 @@
 """Scorers: functions `(prediction, reference) -> float in [0, 1]`, registered by name.
 
 As in lm-evaluation-harness, a task names its scorer (`exact`, `normalized`, `contains`, `choice`,
-`rouge_l`) and `get_scorer` looks it up; `@register_scorer("my_scorer")` adds a custom one. The score of a
-task is the mean of its examples' scores, so every scorer returns a value in [0, 1].
+`rouge_l`, `accuracy`, `f1`, `edit_sim`, `sari`) and `get_scorer` looks it up; `@register_scorer("my_scorer")`
+adds a custom one. The score of a task is the mean of its examples' scores, so every scorer returns a value
+in [0, 1]. A scorer registered with `needs_source=True` (SARI compares the prediction with the text it
+rewrites) is called as `scorer(prediction, reference, source=...)`; `score` calls either kind uniformly.
 """
 
 from __future__ import annotations
 
 import re
 import string
+from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from retain.errors import RetainError, did_you_mean
 
-Scorer = Callable[[str, str], float]
+# `(prediction, reference) -> float`, or `(prediction, reference, *, source) -> float` with needs_source.
+Scorer = Callable[..., float]
+_F = TypeVar("_F", bound=Callable[..., float])
 
 _SCORERS: dict[str, Scorer] = {}
+_NEEDS_SOURCE: set[Scorer] = set()
 
 
-def register_scorer(name: str) -> Callable[[Scorer], Scorer]:
-    """Register a scorer `(prediction, reference) -> float in [0, 1]` under `name`."""
+def register_scorer(name: str, needs_source: bool = False) -> Callable[[_F], _F]:
+    """Register a scorer `(prediction, reference) -> float in [0, 1]` under `name`.
 
-    def decorator(fn: Scorer) -> Scorer:
+    With `needs_source=True` the scorer is called as `scorer(prediction, reference, source=...)`, where
+    source is the text the model was asked to work on (the last user message of the example).
+    """
+
+    def decorator(fn: _F) -> _F:
         # A second registration under the same name would silently change every task that uses it.
         if name in _SCORERS and _SCORERS[name] is not fn:
             raise ValueError(f"a scorer named {name!r} is already registered ({_SCORERS[name].__qualname__})")
         _SCORERS[name] = fn
+        if needs_source:
+            _NEEDS_SOURCE.add(fn)
         return fn
 
     return decorator
+
+
+def needs_source(scorer: str | Scorer) -> bool:
+    """Whether the scorer (or the scorer registered under that name) must be given the source text."""
+    return (get_scorer(scorer) if isinstance(scorer, str) else scorer) in _NEEDS_SOURCE
+
+
+def score(scorer: str | Scorer, prediction: str, reference: str, source: str | None = None) -> float:
+    """Call a scorer (by name or function) whichever kind it is: `source` goes only to those that need it."""
+    fn = get_scorer(scorer) if isinstance(scorer, str) else scorer
+    if fn not in _NEEDS_SOURCE:
+        return float(fn(prediction, reference))
+    if source is None:
+        raise RetainError(f"scorer {fn.__name__!r} needs the source text, and none was given")
+    return float(fn(prediction, reference, source=source))
 
 
 def get_scorer(name: str) -> Scorer:
@@ -158,3 +186,134 @@ def rouge_l(prediction: str, reference: str) -> float:
     precision = lcs / len(pred)
     recall = lcs / len(ref)
     return 2 * precision * recall / (precision + recall)
+
+
+def _label_form(text: str) -> str:
+    """A label as a model may write it: no surrounding whitespace, no trailing period, any case."""
+    return " ".join(text.strip().removesuffix(".").lower().split())
+
+
+@register_scorer("accuracy")
+def accuracy(prediction: str, reference: str) -> float:
+    """Classification accuracy (O-LoRA / EasyCL): 1.0 when the prediction is the reference label.
+
+    Case, surrounding whitespace and a trailing period are ignored ("Positive." == "positive"); other
+    punctuation is kept, unlike `normalized`, so that labels such as "-1" and "1" stay distinct.
+    """
+    return float(_label_form(prediction) == _label_form(reference))
+
+
+def _f1(precision: float, recall: float) -> float:
+    return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+
+
+@register_scorer("f1")
+def f1(prediction: str, reference: str) -> float:
+    """SQuAD-style token F1 over the `normalize_text` tokens (a bag of words); two empty texts score 1.0."""
+    pred = normalize_text(prediction).split()
+    ref = normalize_text(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    return _f1(common / len(pred), common / len(ref))
+
+
+def _lcs_chars(a: str, b: str) -> int:
+    """Exact character LCS length, bit-parallel (Allison & Dix 1986, Hyyro 2004).
+
+    Bit i of `v` tracks row i of the LCS table over `a`, so each character of `b` is one big-integer update
+    instead of len(a) Python steps: a few hundred characters take microseconds, not milliseconds.
+    """
+    if len(a) < len(b):
+        a, b = b, a  # loop over the shorter string
+    if not b:
+        return 0
+    masks: dict[str, int] = {}
+    for i, char in enumerate(a):
+        masks[char] = masks.get(char, 0) | (1 << i)
+    full = (1 << len(a)) - 1
+    v = full
+    for char in b:
+        u = v & masks.get(char, 0)
+        v = ((v + u) | (v - u)) & full
+    return len(a) - v.bit_count()
+
+
+@register_scorer("edit_sim")
+def edit_sim(prediction: str, reference: str) -> float:
+    """Edit similarity of TRACE's Py150 code completion: fuzzywuzzy's `fuzz.ratio` / 100.
+
+    That is the Levenshtein InDel ratio 2 * LCS / (len(prediction) + len(reference)) over raw characters
+    (no normalisation: whitespace and case matter in code), exact and unrounded (fuzz.ratio rounds to a
+    whole percent). Two empty strings score 1.0.
+    """
+    total = len(prediction) + len(reference)
+    if total == 0:
+        return 1.0
+    return 2 * _lcs_chars(prediction, reference) / total
+
+
+_SARI_ORDERS = (1, 2, 3, 4)
+
+
+def _ngrams(tokens: list[str], n: int) -> Counter[tuple[str, ...]]:
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+
+
+def _sari_order(
+    source: Counter[tuple[str, ...]],
+    prediction: Counter[tuple[str, ...]],
+    references: list[Counter[tuple[str, ...]]],
+) -> tuple[float, float, float]:
+    """(keep F1, delete precision, add F1) for one n-gram order, as Hugging Face's `sari` computes them.
+
+    Source and prediction counts are scaled by the number of references, so that an n-gram counts as
+    rightly kept or deleted in proportion to the references that keep or delete it. An empty operation
+    (0/0) scores 1.0, so that a prediction equal to the reference scores 1.0 at every order.
+    """
+    k = len(references)
+    ref = sum(references, Counter())
+    src = Counter({gram: count * k for gram, count in source.items()})
+    pred = Counter({gram: count * k for gram, count in prediction.items()})
+
+    kept = src & pred
+    kept_good = kept & ref
+    kept_all = src & ref
+    keep_p = sum(kept_good[g] / kept[g] for g in kept_good) / len(kept) if kept else 1.0
+    keep_r = sum(kept_good.values()) / sum(kept_all.values()) if kept_all else 1.0
+
+    deleted = src - pred
+    deleted_good = deleted - ref
+    # Only deletion precision counts: recall would reward deleting everything the references delete,
+    # which over-rewards short outputs (Xu et al., 2016).
+    delete_p = sum(deleted_good[g] / deleted[g] for g in deleted_good) / len(deleted) if deleted else 1.0
+
+    added = set(prediction) - set(source)
+    added_good = added & set(ref)
+    added_all = set(ref) - set(source)
+    add_p = len(added_good) / len(added) if added else 1.0
+    add_r = len(added_good) / len(added_all) if added_all else 1.0
+    return _f1(keep_p, keep_r), delete_p, _f1(add_p, add_r)
+
+
+def sari_operations(source: str, prediction: str, references: Sequence[str]) -> tuple[float, float, float]:
+    """SARI's (keep, delete, add) scores, each averaged over n-gram orders 1-4 of lowercased words."""
+    src, pred = source.lower().split(), prediction.lower().split()
+    refs = [reference.lower().split() for reference in references]
+    parts = [
+        _sari_order(_ngrams(src, n), _ngrams(pred, n), [_ngrams(r, n) for r in refs]) for n in _SARI_ORDERS
+    ]
+    keep, delete, add = (sum(values) / len(_SARI_ORDERS) for values in zip(*parts, strict=True))
+    return keep, delete, add
+
+
+@register_scorer("sari", needs_source=True)
+def sari(prediction: str, reference: str, *, source: str) -> float:
+    """SARI (Xu et al., 2016), TRACE's metric for 20Minuten simplification, on a [0, 1] scale.
+
+    The mean of the keep F1, delete precision and add F1 over n-grams of orders 1-4 (see
+    `sari_operations`), with Hugging Face `evaluate`'s conventions (which TRACE uses) on one reference.
+    Tokens are the lowercased whitespace-separated words; `evaluate` also splits punctuation off words
+    first (sacrebleu's 13a tokenizer), so on raw text the two can differ slightly.
+    """
+    return sum(sari_operations(source, prediction, [reference])) / 3
