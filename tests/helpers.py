@@ -7,7 +7,7 @@ import functools
 from retain.config import config_from_dict
 from retain.data.encode import encode_dataset
 from retain.data.streams import build_stream
-from retain.methods.base import MethodContext
+from retain.methods.base import ContinualMethod, MethodContext
 from retain.models.adapters import apply_finetuning
 from retain.testing import tiny_model, tiny_tokenizer
 from retain.training.trainer import collate, response_forward
@@ -98,3 +98,18 @@ def train_one_task(ctx, tasks, method, folder, **arguments):
     )
     trainer.train()
     return trainer
+
+
+class AlternatingRoutes(ContinualMethod):
+    """Routes even test instances to 'a' and odd ones to 'b', recording the activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.activated: list[str] = []
+
+    def eval_routes(self, ctx, task):
+        return ["a" if i % 2 == 0 else "b" for i in range(len(task.test))]
+
+    def activate_route(self, ctx, route):
+        self.activated.append(route)
+        return ctx.model

@@ -286,3 +286,10 @@ def test_hygiene_counts_duplicates_and_unseen_labels():
     duplicates = [f for f in check_task("t", train, test) if f.check == "duplicates"]
     assert [f.count for f in duplicates] == [1, 1]
     assert check_task("t", train[2:], test[:2], labels=["neg", "pos", "neutral"]) == []
+
+
+def test_malformed_layout_records_name_the_file_and_the_fields(tmp_path):
+    root = olora_fixture(tmp_path)
+    _write(os.path.join(root, "NLI", "CB", "train.json"), [{"text": "no sentence"}])
+    with pytest.raises(RetainError, match=r'CB/train.json: record 0 needs "sentence" and "label"'):
+        load_stream(_config(benchmark="olora", benchmark_dir=root, benchmark_order="order4", tasks=["CB"]))

@@ -7,22 +7,7 @@ import json
 from retain.evaluation.evaluate import evaluate_row
 from retain.methods.base import ContinualMethod
 
-from .helpers import tiny_context
-
-
-class AlternatingRoutes(ContinualMethod):
-    """Routes even test instances to 'a' and odd ones to 'b', recording the activations."""
-
-    def __init__(self):
-        super().__init__()
-        self.activated: list[str] = []
-
-    def eval_routes(self, ctx, task):
-        return ["a" if i % 2 == 0 else "b" for i in range(len(task.test))]
-
-    def activate_route(self, ctx, route):
-        self.activated.append(route)
-        return ctx.model
+from .helpers import AlternatingRoutes, tiny_context
 
 
 def test_rows_write_predictions_and_routes(tmp_path):

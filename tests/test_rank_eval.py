@@ -16,7 +16,7 @@ from retain.evaluation.scoring import accuracy, sari
 from retain.methods.base import ContinualMethod
 from retain.testing import tiny_model, tiny_tokenizer
 
-from .helpers import tiny_context
+from .helpers import AlternatingRoutes, tiny_context
 
 # Different token lengths, so batches mix answers of 2 to 6 tokens (with the end-of-turn token).
 LABELS = ["even", "odd", "neither of them", "x"]
@@ -85,21 +85,6 @@ def test_caches_that_cannot_crop_fall_back_to_full_pairs(monkeypatch):
     monkeypatch.setattr(Cache, "is_croppable", property(lambda self: False))
     scores = label_log_likelihoods(model, tokenizer, examples, LABELS, batch_size=4, progress=False)
     assert scores == [pytest.approx(row, abs=1e-4) for row in expected]
-
-
-class AlternatingRoutes(ContinualMethod):
-    """Routes even test instances to 'a' and odd ones to 'b', recording the activations."""
-
-    def __init__(self):
-        super().__init__()
-        self.activated: list[str] = []
-
-    def eval_routes(self, ctx, task):
-        return ["a" if i % 2 == 0 else "b" for i in range(len(task.test))]
-
-    def activate_route(self, ctx, route):
-        self.activated.append(route)
-        return ctx.model
 
 
 @pytest.mark.parametrize("method", [ContinualMethod(), AlternatingRoutes()], ids=["plain", "routed"])

@@ -13,7 +13,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from retain.data.dataset_info import read_records
 from retain.data.formats import Example
+from retain.errors import RetainError
 
 # More distinct answers than this and a task is treated as open-ended (no label set).
 MAX_INFERRED_LABELS = 20
@@ -73,3 +75,26 @@ def infer_labels(train: list[Example]) -> tuple[list[str] | None, str]:
     if 1 < len(answers) <= MAX_INFERRED_LABELS and len(answers) * 10 <= len(train):
         return sorted(answers), "distinct training answers"
     return None, ""
+
+
+def read_pairs(
+    path: str, task: str, fields: tuple[str, str], layout: str, render: Callable[[str], str] = str
+) -> list[Example]:
+    """A file of `{input_field: ..., answer_field: ...}` records as one-turn chat examples; `render` turns
+    the input into the user message (a layout's prompt format)."""
+    source, target = fields
+    examples = []
+    for index, record in enumerate(read_records(path)):
+        if not isinstance(record, dict) or source not in record or target not in record:
+            got = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise RetainError(
+                f'{path}: record {index} needs "{source}" and "{target}" ({layout} format), got {got}'
+            )
+        messages = [
+            {"role": "user", "content": render(str(record[source]))},
+            {"role": "assistant", "content": str(record[target])},
+        ]
+        examples.append(Example(messages, meta={"dataset": task}))
+    if not examples:
+        raise RetainError(f"{path} holds no records")
+    return examples

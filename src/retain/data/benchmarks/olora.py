@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import os
 
-from retain.data.benchmarks.base import Benchmark, BenchmarkTask
-from retain.data.dataset_info import read_json, read_records
+from retain.data.benchmarks.base import Benchmark, BenchmarkTask, read_pairs
+from retain.data.dataset_info import read_json
 from retain.data.formats import Example
 from retain.errors import RetainError
 
@@ -74,21 +74,9 @@ def read_labels(path: str) -> list[str]:
 def read_split(task: str, labels_path: str, path: str) -> list[Example]:
     """One split file of `task` as chat examples with O-LoRA's prompt."""
     labels = read_labels(labels_path)
-    examples = []
-    for index, record in enumerate(read_records(path)):
-        if not isinstance(record, dict) or "sentence" not in record or "label" not in record:
-            raise RetainError(
-                f'{path}: record {index} needs "sentence" and "label" (O-LoRA\'s CL_Benchmark format), '
-                f"got {sorted(record) if isinstance(record, dict) else type(record).__name__}"
-            )
-        messages = [
-            {"role": "user", "content": prompt(task, str(record["sentence"]), labels)},
-            {"role": "assistant", "content": str(record["label"])},
-        ]
-        examples.append(Example(messages, meta={"dataset": task}))
-    if not examples:
-        raise RetainError(f"{path} holds no records")
-    return examples
+    return read_pairs(
+        path, task, ("sentence", "label"), "O-LoRA CL_Benchmark", lambda s: prompt(task, s, labels)
+    )
 
 
 def locate(root: str) -> dict[str, BenchmarkTask]:

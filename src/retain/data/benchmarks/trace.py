@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import os
 
-from retain.data.benchmarks.base import Benchmark, BenchmarkTask
-from retain.data.dataset_info import read_records
+from retain.data.benchmarks.base import Benchmark, BenchmarkTask, read_pairs
 from retain.data.formats import Example
-from retain.errors import RetainError
 
 SCORERS = {
     "C-STANCE": "accuracy",
@@ -31,21 +29,7 @@ ORDERS = {"order1": list(SCORERS)}
 
 
 def read_split(task: str, path: str) -> list[Example]:
-    examples = []
-    for index, record in enumerate(read_records(path)):
-        if not isinstance(record, dict) or "prompt" not in record or "answer" not in record:
-            raise RetainError(
-                f'{path}: record {index} needs "prompt" and "answer" (TRACE\'s format), got '
-                f"{sorted(record) if isinstance(record, dict) else type(record).__name__}"
-            )
-        messages = [
-            {"role": "user", "content": str(record["prompt"])},
-            {"role": "assistant", "content": str(record["answer"])},
-        ]
-        examples.append(Example(messages, meta={"dataset": task}))
-    if not examples:
-        raise RetainError(f"{path} holds no records")
-    return examples
+    return read_pairs(path, task, ("prompt", "answer"), "TRACE")
 
 
 def locate(root: str) -> dict[str, BenchmarkTask]:
