@@ -28,17 +28,19 @@ from _common import machine  # noqa: E402
 from retain.evaluation.compare import compare_markdown  # noqa: E402
 from retain.methods.registry import available  # noqa: E402
 
-# Settings that keep every rehearsal method at the same memory budget as `replay` (20% of a task's 200
+# Settings that keep every rehearsal method at the same memory budget as `replay` (20% of a task's 160
 # training examples) and the generation-based ones within minutes on a CPU; everything else is default.
 SETTINGS = {
-    "replay": ["method.memory_size=40"],
-    "gem": ["method.memory_size=40"],
-    "agem": ["method.memory_size=40"],
-    "lamol": ["method.memory_per_task=40"],
-    "ssr": ["method.candidates_per_task=80", "method.memory_per_task=40", "method.n_clusters=8"],
-    "pseudo_replay": ["method.memory_per_task=40"],
-    "conpet": ["method.memory_per_task=40"],
-    "gere": ["method.num_samples=200"],
+    "replay": ["method.memory_size=32"],
+    "gem": ["method.memory_size=32"],
+    "agem": ["method.memory_size=32"],
+    "lamol": ["method.memory_per_task=32"],
+    "ssr": ["method.candidates_per_task=64", "method.memory_per_task=32", "method.n_clusters=8"],
+    "pseudo_replay": ["method.memory_per_task=32"],
+    "conpet": ["method.memory_per_task=32"],
+    "abscl": ["method.memory_size=32"],
+    "ilora": ["method.buffer_size=128"],
+    "gere": ["method.num_samples=160"],
 }
 
 
