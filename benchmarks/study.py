@@ -28,19 +28,19 @@ from _common import machine  # noqa: E402
 from retain.evaluation.compare import compare_markdown  # noqa: E402
 from retain.methods.registry import available  # noqa: E402
 
-# Settings that keep every rehearsal method at the same memory budget as `replay` (20% of a task's 160
+# Settings that keep every rehearsal method at the same memory budget as `replay` (20% of a task's 112
 # training examples) and the generation-based ones within minutes on a CPU; everything else is default.
 SETTINGS = {
-    "replay": ["method.memory_size=32"],
-    "gem": ["method.memory_size=32"],
-    "agem": ["method.memory_size=32"],
-    "lamol": ["method.memory_per_task=32"],
-    "ssr": ["method.candidates_per_task=64", "method.memory_per_task=32", "method.n_clusters=8"],
-    "pseudo_replay": ["method.memory_per_task=32"],
-    "conpet": ["method.memory_per_task=32"],
-    "abscl": ["method.memory_size=32"],
-    "ilora": ["method.buffer_size=128"],
-    "gere": ["method.num_samples=160"],
+    "replay": ["method.memory_size=24"],
+    "gem": ["method.memory_size=24"],
+    "agem": ["method.memory_size=24"],
+    "lamol": ["method.memory_per_task=24"],
+    "ssr": ["method.candidates_per_task=48", "method.memory_per_task=24", "method.n_clusters=8"],
+    "pseudo_replay": ["method.memory_per_task=24"],
+    "conpet": ["method.memory_per_task=24"],
+    "abscl": ["method.memory_size=24"],
+    "ilora": ["method.buffer_size=96"],
+    "gere": ["method.num_samples=112"],
 }
 
 
