@@ -69,7 +69,8 @@ def select_tasks(benchmark: Benchmark, order: str, names: list[str], max_tasks: 
         if unknown:
             raise RetainError(
                 f"config: stream.tasks {unknown} not in {benchmark.name} {order}"
-                f"{did_you_mean(unknown[0], sequence)}; its tasks: {', '.join(sequence)}"
+                f"{did_you_mean(unknown[0], sequence)}; its tasks: {', '.join(sequence)}. With a benchmark, "
+                "stream.tasks picks tasks of it by name: override it (tasks=[] runs them all)"
             )
         sequence = [n for n in sequence if n in names]
     return sequence[:max_tasks] if max_tasks else list(sequence)
