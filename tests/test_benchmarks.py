@@ -253,6 +253,9 @@ def test_benchmark_run_end_to_end_reports_benchmark_checks_and_compares(tmp_path
     replay_row = next(r for r in rows if "| replay |" in r)
     # Metrics come from the matrix: R = [[0,0],[.5,0],[.25,.5]] -> Last 37.5, BWT -25.0, forgetting 25.0.
     assert "| 37.5 |" in replay_row and "| -25.0 |" in replay_row and replay_row.rstrip().endswith("| 2 |")
+    (tmp_path / "run.log").write_text("a log, not a run")
+    globbed = retain("compare", str(run_dir), str(tmp_path / "run.log"))
+    assert globbed.returncode == 0 and "skipped 1 file" in globbed.stderr and "| run |" in globbed.stdout
     bad = retain("compare", str(run_dir), "--sort", "lst")
     assert bad.returncode == 2 and "did you mean: last" in bad.stderr
 

@@ -8,6 +8,7 @@ training and evaluation seconds, so a resumed run counts each task once.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 from retain.errors import RetainError, did_you_mean
@@ -77,6 +78,14 @@ def sort_runs(runs: list[RunSummary], key: str) -> list[RunSummary]:
 
 def compare_markdown(run_dirs: list[str], sort: str = "last") -> str:
     """The comparison table as markdown, metrics in percent."""
+    # A shell glob over a folder of runs also matches their log files: those are not runs, so skip them.
+    skipped = [d for d in run_dirs if os.path.isfile(d) and not d.endswith(".json")]
+    run_dirs = [d for d in run_dirs if d not in skipped]
+    if skipped:
+        print(
+            f"compare: skipped {len(skipped)} file(s) that are not results.json: {', '.join(skipped)}",
+            file=sys.stderr,
+        )
     if not run_dirs:
         raise RetainError("compare: give at least one run directory")
     runs = sort_runs([RunSummary.from_dir(d) for d in run_dirs], sort)
