@@ -103,3 +103,14 @@ def test_memory_is_capped_and_overlong_samples_are_dropped(tmp_path):
     assert len(memory.examples()) == 4 and all(e in made for e in memory.examples())
     long = _pseudo.pseudo_example("word " * 200, "a", None, "parity", "x", 2)
     assert not _pseudo.fits(ctx, long) and _pseudo.fits(ctx, made[0])
+
+
+def test_pseudo_rehearsal_warns_when_no_generation_is_kept(caplog):
+    from types import SimpleNamespace
+
+    from retain.methods import _pseudo
+
+    ctx = SimpleNamespace(log=lambda *args: None)
+    with caplog.at_level("WARNING", logger="retain"):
+        _pseudo.log_kept(ctx, "pseudo_replay", "parity", 0, 64)
+    assert "none of 64 generations for task parity" in caplog.text

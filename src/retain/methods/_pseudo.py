@@ -208,6 +208,16 @@ def log_kept(ctx: MethodContext, method: str, source: str, kept: int, total: int
     logger.info(
         "%s: %d of %d generations for task %s kept (%.0f%%)", method, kept, total, source, 100 * fraction
     )
+    if total and not kept:
+        # Nothing to rehearse: the run silently degrades to sequential fine-tuning for this task.
+        logger.warning(
+            "%s: none of %d generations for task %s could be parsed, so it is not rehearsed (the model "
+            "no longer follows the demonstration format); the candidates.jsonl files under pseudo/ show "
+            "what it wrote",
+            method,
+            total,
+            source,
+        )
 
 
 class PseudoMemory:
