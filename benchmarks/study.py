@@ -63,6 +63,14 @@ def run_method(config: str, method: str, out: str, extra: list[str]) -> tuple[li
     return command, time.perf_counter() - start, code
 
 
+def _sizes(per_task: dict) -> str:
+    """'112' when every task has the same value, else 'task: value, ...'."""
+    values = set(map(str, per_task.values()))
+    if len(values) == 1:
+        return values.pop()
+    return ", ".join(f"{task}: {value}" for task, value in per_task.items())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -73,6 +81,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(ROOT, "runs", "study_lnt"))
     parser.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
     parser.add_argument("--sort", default="last")
+    parser.add_argument("--note", default="", help="a sentence on how the runs were made (for RESULTS.md)")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = parser.parse_args()
 
@@ -96,8 +105,9 @@ def main() -> None:
         "",
         f"Benchmark {benchmark.get('name', '?')} ({benchmark.get('layout', '?')} layout), "
         f"{benchmark.get('order', '?')}, tasks {' -> '.join(benchmark.get('tasks', []))}; "
-        f"{first.get('train_sizes', {})} training and {first.get('test_sizes', {})} test examples per task; "
-        f"model {first.get('model', '?')} with LoRA; evaluation mode per task: {first.get('eval_mode', {})}.",
+        f"{_sizes(first.get('train_sizes', {}))} training and {_sizes(first.get('test_sizes', {}))} test "
+        f"examples per task; model {first.get('model', '?')} with LoRA; evaluation: "
+        f"{_sizes(first.get('eval_mode', {}))}.",
         "",
         "Reproduce (each run resumes or is skipped when its results.json exists):",
         "",
@@ -124,8 +134,9 @@ def main() -> None:
         table.rstrip("\n"),
         "",
         "Wall time is the sum of each run's recorded model-load, training and evaluation seconds, on "
-        f"{where['cpu_count']} CPU cores (torch {where['torch']}, {where['torch_threads']} threads), one run "
-        "at a time; compare times within this table only.",
+        f"{where['cpu_count']} CPU cores (torch {where['torch']}, {where['torch_threads']} thread(s) per "
+        "process); it includes any contention from other jobs on the machine during the run.",
+        *(["", args.note] if args.note else []),
     ]
     checks = first.get("data_checks", {})
     if checks.get("findings") or checks.get("warnings"):
