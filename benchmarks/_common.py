@@ -50,3 +50,13 @@ def print_table(rows: list[tuple[str, ...]]) -> None:
         print("  ".join(cells))
         if k == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def quiet_libraries() -> None:
+    """Silence transformers' and torch's advisory warnings so the benchmark tables stay readable."""
+    import logging
+    import warnings
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import os
 import sys
 import time
-import warnings
 
 import torch
-from _common import machine, median, print_table, write_json
+from _common import machine, median, print_table, quiet_libraries, write_json
 
 from retain.data.encode import encode_prompt
 from retain.data.synthetic import load_synthetic
@@ -54,9 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.prompts_per_task, args.batch_size, args.max_new_tokens, args.repeats) < 1:
         parser.error("--prompts-per-task, --batch-size, --max-new-tokens and --repeats must be 1 or more")
 
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    quiet_libraries()
     bf16 = bf16_supported()
     model, tokenizer, _ = load_model(args.model)
     prompts: list[list[int]] = []

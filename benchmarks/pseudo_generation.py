@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import logging
 import os
 import sys
 import time
-import warnings
 
 import torch
-from _common import machine, median, print_table, write_json
+from _common import machine, median, print_table, quiet_libraries, write_json
 
 from retain.config import config_from_dict
 from retain.data.encode import encode_dataset
@@ -116,9 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.samples, args.batch_size, args.max_new_tokens, args.repeats) < 1:
         parser.error("--samples, --batch-size, --max-new-tokens and --repeats must be 1 or more")
 
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    quiet_libraries()
     ctx = context(args)
     print(
         f"model {args.model}, {args.samples} samples per method, batch {args.batch_size}, "

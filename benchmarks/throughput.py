@@ -24,16 +24,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import logging
 import os
 import sys
 import tempfile
 import time
-import warnings
 from typing import Any
 
 import torch
-from _common import machine, median, print_table, write_json
+from _common import machine, median, print_table, quiet_libraries, write_json
 from peft import LoraConfig, get_peft_model
 from transformers import (
     DataCollatorForSeq2Seq,
@@ -183,9 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1 or args.warmup < 1 or args.repeats < 1 or args.batch_size < 1:
         parser.error("--steps, --warmup, --repeats and --batch-size must be 1 or more")
 
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    quiet_libraries()
     bf16 = bf16_supported()
     tokenizer = load_tokenizer(args.model)
     # Exactly one epoch of data per run: every timed step sees a full batch and both sides see the same ones.

@@ -73,8 +73,9 @@ def set_gradient(ctx, loss_fn) -> list:
     return params
 
 
-def train_one_task(ctx, tasks, method, folder, **arguments):
-    """Run a ContinualTrainer with `method` on the first task; `arguments` override TrainingArguments."""
+def train_one_task(ctx, tasks, method, folder, examples=None, **arguments):
+    """Run a ContinualTrainer with `method` on `examples` (default: the first task's training set);
+    `arguments` override TrainingArguments."""
     from transformers import TrainingArguments
 
     from retain.training.trainer import ContinualTrainer, FeatureDataset
@@ -91,7 +92,7 @@ def train_one_task(ctx, tasks, method, folder, **arguments):
     trainer = ContinualTrainer(
         model=ctx.model,
         args=TrainingArguments(**{**settings, **arguments}),
-        train_dataset=FeatureDataset(ctx.encode(tasks[0].train)),
+        train_dataset=FeatureDataset(ctx.encode(tasks[0].train if examples is None else examples)),
         data_collator=ctx.collate,
         method=method,
         ctx=ctx,

@@ -6,7 +6,6 @@ import functools
 
 import pytest
 import torch
-from transformers import TrainingArguments
 
 from retain.config import config_from_dict
 from retain.data.encode import encode_dataset
@@ -16,9 +15,9 @@ from retain.methods.migu import MIGU, MIGUConfig, kept_rows
 from retain.methods.registry import create_method
 from retain.models.adapters import apply_finetuning, trainable_parameters
 from retain.testing import tiny_model, tiny_tokenizer
-from retain.training.trainer import ContinualTrainer, FeatureDataset, collate, response_forward
+from retain.training.trainer import collate, response_forward
 
-from .helpers import tiny_config, tiny_context
+from .helpers import tiny_config, tiny_context, train_one_task
 
 
 def full_context(tmp_path):
@@ -165,27 +164,16 @@ def test_one_optimizer_step_updates_only_the_kept_rows(tmp_path):
     method = MIGU(MIGUConfig(ratio=0.25))
     method.before_task(ctx, tasks[1])
     start = {n: p.detach().clone() for n, p in trainable_parameters(ctx.model).items()}
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "t"),
-        per_device_train_batch_size=2,
+    train_one_task(
+        ctx,
+        tasks,
+        method,
+        tmp_path / "t",
+        examples=tasks[1].train[:8],
         gradient_accumulation_steps=2,
         max_steps=1,
         learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        remove_unused_columns=False,
-        save_strategy="no",
-        disable_tqdm=True,
     )
-    trainer = ContinualTrainer(
-        model=ctx.model,
-        args=args,
-        train_dataset=FeatureDataset(ctx.encode(tasks[1].train[:8])),
-        data_collator=ctx.collate,
-        method=method,
-        ctx=ctx,
-    )
-    trainer.train()
     method.after_task(ctx, tasks[1], [])
     for name, param in trainable_parameters(ctx.model).items():
         if "lora_B" in name:
