@@ -3,7 +3,7 @@
 Prompts are the test splits of three retain synthetic tasks, encoded with retain.data.encode.encode_prompt
 (what evaluation feeds the model). The same model answers them with
 retain.evaluation.generate.generate(batch_size=B) and with generate_one_by_one (greedy, same
-max_new_tokens, same bf16 autocast flag as evaluation: retain.training.loop.bf16_supported()). Both are
+max_new_tokens, same bf16 autocast flag as evaluation: retain.runtime.bf16_supported()). Both are
 warmed up first on a few prompts; with --repeats > 1 the two alternate and the median is reported. The
 result is the ratio of prompts/s, batched over one-by-one, measured in this one run, plus whether the
 two give identical predictions.
@@ -27,7 +27,7 @@ from retain.data.encode import encode_prompt
 from retain.data.synthetic import load_synthetic
 from retain.evaluation.generate import generate, generate_one_by_one
 from retain.models.loading import load_model
-from retain.training.loop import bf16_supported
+from retain.runtime import bf16_supported
 
 TASKS = ["synthetic:arithmetic", "synthetic:reverse", "synthetic:parity"]
 

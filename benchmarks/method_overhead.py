@@ -22,9 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import machine, median, print_table, write_json  # noqa: E402
 
 from retain.config import config_from_dict  # noqa: E402
+from retain.engine.loop import Experiment, make_plan  # noqa: E402
+from retain.engine.run_dir import RunDir  # noqa: E402
 from retain.methods.registry import available  # noqa: E402
-from retain.training.loop import Experiment, make_plan  # noqa: E402
-from retain.training.run_dir import RunDir  # noqa: E402
 
 
 def step_seconds(

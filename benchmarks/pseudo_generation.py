@@ -23,7 +23,6 @@ numbers only for the same model and settings.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 import time
@@ -32,16 +31,14 @@ import torch
 from _common import machine, median, print_table, quiet_libraries, write_json
 
 from retain.config import config_from_dict
-from retain.data.encode import encode_dataset
 from retain.data.streams import build_stream
-from retain.methods import _pseudo
 from retain.methods.base import MethodContext
+from retain.methods.common import pseudo
 from retain.methods.lamol import LAMOL, LAMOLConfig
 from retain.methods.ssr import SSR, SSRConfig
 from retain.models.adapters import apply_finetuning
 from retain.models.loading import load_model
-from retain.training.loop import bf16_supported
-from retain.training.trainer import collate, response_forward
+from retain.runtime import bf16_supported, use_bf16
 
 
 def context(args: argparse.Namespace) -> MethodContext:
@@ -64,16 +61,8 @@ def context(args: argparse.Namespace) -> MethodContext:
     model = apply_finetuning(model, config.model)
     if torch.cuda.is_available():
         model = model.cuda()
-    cutoff = config.train.cutoff_len
-    return MethodContext(
-        model=model,
-        tokenizer=tokenizer,
-        config=config,
-        tasks=build_stream(config),
-        task_index=2,
-        encode=lambda examples: encode_dataset(tokenizer, examples, cutoff, source="benchmark"),
-        collate=functools.partial(collate, pad_token_id=tokenizer.pad_token_id),
-        forward=response_forward,
+    return MethodContext.create(
+        model, tokenizer, config, build_stream(config), task_index=2, bf16=use_bf16(config)
     )
 
 
@@ -95,7 +84,7 @@ def run_ssr(ctx: MethodContext, samples: int, max_new_tokens: int) -> tuple[floa
     )
     method = SSR(config)
     task = ctx.tasks[0]
-    method.demos[task.name] = _pseudo.pick_demos(task.train, config.num_shots, ctx.rng("benchmark"))
+    method.demos[task.name] = pseudo.pick_demos(task.train, config.num_shots, ctx.rng("benchmark"))
     start = time.perf_counter()
     records = method.synthesize(ctx, task.name)
     return time.perf_counter() - start, sum(r["status"] == "kept" for r in records) / samples

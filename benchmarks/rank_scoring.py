@@ -13,7 +13,7 @@ model answers every prompt twice, as evaluation would in each eval.mode:
 - rank_pairs: the same with share_prompt=False (every pair run in full, --batch-size pairs per forward),
   for context: the straightforward way, which costs one prompt pass per label.
 
-Both under the evaluation's bf16 autocast flag (retain.training.loop.bf16_supported()), warmed up first
+Both under the evaluation's bf16 autocast flag (retain.runtime.bf16_supported()), warmed up first
 on a few prompts; with --repeats > 1 the two alternate and the median is reported. The result is the
 ratio of seconds, generate over rank, measured in this one run (and generate over rank_pairs), and each
 mode's accuracy against the references (the `accuracy` scorer).
@@ -41,7 +41,7 @@ from retain.evaluation.generate import generate
 from retain.evaluation.rank import rank_labels
 from retain.evaluation.scoring import accuracy
 from retain.models.loading import load_model
-from retain.training.loop import bf16_supported
+from retain.runtime import bf16_supported
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SST2 = os.path.join(

@@ -3,9 +3,9 @@
 Both sides train the same model (a fresh copy per run, loaded with retain.models.loading.load_model and
 wrapped with the same seeded LoRA: rank 8, alpha 16, all-linear) on the same token ids (a retain synthetic
 task encoded with retain.data.encode.encode_dataset), with the same batch size, learning rate, precision
-(bf16 autocast when retain.training.loop.bf16_supported()), seed and number of steps:
+(bf16 autocast when retain.runtime.bf16_supported()), seed and number of steps:
 
-- ours: retain.training.trainer.ContinualTrainer with the "sequential" method, retain's left-padding
+- ours: retain.engine.trainer.ContinualTrainer with the "sequential" method, retain's left-padding
   `collate` and the response-window forward (`response_forward`, LM head on the response positions only);
 - plain: transformers.Trainer + DataCollatorForSeq2Seq (right padding, labels -100), default compute_loss
   (the model computes the loss over the full logits).
@@ -43,13 +43,14 @@ from transformers import (
 )
 
 from retain.config import RunConfig
+from retain.data.batching import FeatureDataset, collate
 from retain.data.encode import encode_dataset
 from retain.data.synthetic import load_synthetic
+from retain.engine.trainer import ContinualTrainer
 from retain.methods import create_method
 from retain.methods.base import MethodContext
 from retain.models.loading import load_model, load_tokenizer
-from retain.training.loop import bf16_supported
-from retain.training.trainer import ContinualTrainer, FeatureDataset, collate, response_forward
+from retain.runtime import bf16_supported
 
 TASK = "synthetic:parity"
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"}
@@ -114,16 +115,8 @@ def build_trainer(side: str, model, tokenizer, features, args, bf16, out, callba
     dataset = FeatureDataset(features)
     if side == "ours":
         collator = CountingCollator(functools.partial(collate, pad_token_id=tokenizer.pad_token_id))
-        ctx = MethodContext(
-            model=model,
-            tokenizer=tokenizer,
-            config=RunConfig(),
-            tasks=[],
-            encode=None,
-            collate=collator.collator,
-            forward=response_forward,
-        )
-        ctx.task_index = 1
+        ctx = MethodContext.create(model, tokenizer, RunConfig(), [], task_index=1)
+        ctx.collate = collator.collator
         trainer: Trainer = ContinualTrainer(
             model=model,
             args=targs,

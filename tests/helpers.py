@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-
 from retain.config import config_from_dict
-from retain.data.encode import encode_dataset
 from retain.data.streams import build_stream
 from retain.methods.base import ContinualMethod, MethodContext
 from retain.models.adapters import apply_finetuning
-from retain.testing import tiny_model, tiny_tokenizer
-from retain.training.trainer import collate, response_forward
+from retain.models.tiny import tiny_model, tiny_tokenizer
 
 
 def tiny_config(tmp_path, method: str = "sequential", params: dict | None = None, **sections) -> dict:
@@ -49,16 +45,7 @@ def tiny_context(tmp_path, method: str = "sequential", params: dict | None = Non
     tokenizer = tiny_tokenizer()
     model = apply_finetuning(tiny_model(tokenizer), config.model)
     tasks = build_stream(config)
-    ctx = MethodContext(
-        model=model,
-        tokenizer=tokenizer,
-        config=config,
-        tasks=tasks,
-        task_index=1,
-        encode=lambda examples: encode_dataset(tokenizer, examples, 96, source="test"),
-        collate=functools.partial(collate, pad_token_id=tokenizer.pad_token_id),
-        forward=response_forward,
-    )
+    ctx = MethodContext.create(model, tokenizer, config, tasks, task_index=1)
     return ctx, tasks
 
 
@@ -78,7 +65,8 @@ def train_one_task(ctx, tasks, method, folder, examples=None, **arguments):
     `arguments` override TrainingArguments."""
     from transformers import TrainingArguments
 
-    from retain.training.trainer import ContinualTrainer, FeatureDataset
+    from retain.data.batching import FeatureDataset
+    from retain.engine.trainer import ContinualTrainer
 
     settings = dict(
         output_dir=str(folder),

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from retain.config import config_from_dict
+from retain.engine.loop import run_experiment
 from retain.methods.abscl import ABSCL, ABSCLConfig, mahalanobis_domains
 from retain.models.adapters import adapter_state, peft_model
-from retain.training.loop import run_experiment
 
 from .helpers import tiny_config, tiny_context
 

@@ -9,9 +9,9 @@ import random
 import torch
 
 from retain.config import config_from_dict
-from retain.methods._episodic import flat_grad, memory_gradient
+from retain.engine.loop import run_experiment
 from retain.methods.agem import AGEM, AGEMConfig, agem_project
-from retain.training.loop import run_experiment
+from retain.methods.common.episodic import flat_grad, memory_gradient
 
 from .helpers import set_gradient, tiny_config, tiny_context
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from retain.config import config_from_dict
+from retain.engine.loop import run_experiment
 from retain.errors import RetainError
 from retain.methods.combine import Combined
 from retain.methods.registry import create_method
 from retain.models.adapters import trainable_parameters
-from retain.training.loop import run_experiment
 
 from .helpers import tiny_config, tiny_context
 

@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from retain.config import config_from_dict
-from retain.methods._routing import prompt_features
+from retain.engine.loop import run_experiment
+from retain.methods.common.routing import prompt_features
 from retain.methods.conpet import ConPET, ConPETConfig, TaskSelector, train_selector
 from retain.models.adapters import adapter_state, peft_model
-from retain.training.loop import run_experiment
 
 from .helpers import tiny_config, tiny_context
 

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from retain.config import config_from_dict
+from retain.engine.loop import run_experiment
 from retain.models.loading import load_model
-from retain.training.loop import run_experiment
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,7 @@
 import pytest
 
-from retain.data.encode import IGNORE_INDEX, encode_dataset, encode_example, encode_prompt, render_prompt
+from retain.data.batching import IGNORE_INDEX
+from retain.data.encode import encode_dataset, encode_example, encode_prompt, render_prompt
 from retain.data.formats import Example
 from retain.errors import RetainError
 

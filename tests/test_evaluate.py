@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from retain.evaluation.evaluate import evaluate_row
+from retain.engine.evaluate import evaluate_row
 from retain.methods.base import ContinualMethod
 
 from .helpers import AlternatingRoutes, tiny_context

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from retain.config import config_from_dict
-from retain.methods._episodic import flat_grad, memory_gradient
+from retain.engine.loop import run_experiment
+from retain.methods.common.episodic import flat_grad, memory_gradient
 from retain.methods.gem import GEM, GEMConfig, project_to_cone, solve_box_qp
-from retain.training.loop import run_experiment
 
 from .helpers import set_gradient, tiny_config, tiny_context
 
@@ -195,13 +195,14 @@ def test_a_two_task_stream_projects_in_task_2_once_per_accumulated_optimizer_ste
 
 
 def test_the_float64_products_taken_a_chunk_at_a_time_match_whole_ones(monkeypatch):
-    from retain.methods import _episodic, gem
+    from retain.methods import gem
+    from retain.methods.common import episodic
 
     gen = torch.Generator().manual_seed(4)
     G, g = torch.randn(3, 10, generator=gen), torch.randn(10, generator=gen)
     whole = project_to_cone(g, G, margin=0.5, eps=1e-3)
-    monkeypatch.setattr(_episodic, "CHUNK", 3)
+    monkeypatch.setattr(episodic, "CHUNK", 3)
     monkeypatch.setattr(gem, "CHUNK", 3)
     chunked = project_to_cone(g, G, margin=0.5, eps=1e-3)
     assert torch.allclose(chunked[0], whole[0], atol=1e-6) and chunked[1] == pytest.approx(whole[1])
-    assert torch.allclose(_episodic.dots64(G, g), G.double() @ g.double())
+    assert torch.allclose(episodic.dots64(G, g), G.double() @ g.double())

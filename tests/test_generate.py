@@ -3,7 +3,7 @@ import torch
 
 from retain.errors import RetainError
 from retain.evaluation.generate import _eos_token_ids, generate, generate_one_by_one
-from retain.testing import tiny_model
+from retain.models.tiny import tiny_model
 
 TEXTS = [
     "the quick brown fox",

@@ -10,6 +10,9 @@ import torch
 from transformers import TrainingArguments
 
 from retain.config import config_from_dict
+from retain.data.batching import FeatureDataset
+from retain.engine.loop import run_experiment
+from retain.engine.trainer import ContinualTrainer
 from retain.errors import RetainError
 from retain.methods.gere import (
     GeRe,
@@ -23,8 +26,6 @@ from retain.methods.gere import (
 )
 from retain.methods.registry import create_method
 from retain.models.adapters import trainable_parameters
-from retain.training.loop import run_experiment
-from retain.training.trainer import ContinualTrainer, FeatureDataset
 
 from .helpers import tiny_config, tiny_context
 

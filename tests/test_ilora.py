@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from retain.config import config_from_dict
+from retain.engine.loop import run_experiment
 from retain.methods.ilora import ILoRA, ILoRAConfig, consistency_loss
 from retain.models.adapters import adapter_state, peft_model, trainable_parameters
-from retain.training.loop import run_experiment
 
 from .helpers import tiny_config, tiny_context
 

@@ -10,10 +10,10 @@ import torch
 
 from retain.config import config_from_dict
 from retain.data.streams import Task
-from retain.methods import _pseudo
+from retain.engine.loop import run_experiment
+from retain.methods.common import pseudo
 from retain.methods.lamol import LAMOL, LAMOLConfig, gen_marker, generation_example, parse_generation
 from retain.models.adapters import trainable_parameters
-from retain.training.loop import run_experiment
 
 from .helpers import tiny_config, tiny_context
 
@@ -67,7 +67,7 @@ class FakeGenerate:
 
 def test_pseudo_samples_of_task1_enter_task2_training_data_and_accumulate(tmp_path, monkeypatch):
     fake = FakeGenerate([GOOD, BAD, GOOD.replace("42", "43").replace("even\n", "odd\n")])
-    monkeypatch.setattr(_pseudo, "generate", fake)
+    monkeypatch.setattr(pseudo, "generate", fake)
     ctx, tasks = tiny_context(tmp_path, "lamol")
     ctx.run_dir = str(tmp_path / "run")
     method = LAMOL(LAMOLConfig(memory_per_task=6))
@@ -81,17 +81,17 @@ def test_pseudo_samples_of_task1_enter_task2_training_data_and_accumulate(tmp_pa
     assert all("__gen_parity__" in p for p in call["prompts"])
     assert call["do_sample"] and call["top_k"] == 20 and call["temperature"] == 1.0
     assert isinstance(call["seed"], int)
-    pseudo = data[len(tasks[1].train) :]
+    rehearsed = data[len(tasks[1].train) :]
     assert data[: len(tasks[1].train)] == tasks[1].train
-    assert len(pseudo) == 5  # 7 generations, 2 without the separator
-    assert {e.meta["pseudo_from"] for e in pseudo} == {"parity"}
-    assert pseudo[0].messages == [
+    assert len(rehearsed) == 5  # 7 generations, 2 without the separator
+    assert {e.meta["pseudo_from"] for e in rehearsed} == {"parity"}
+    assert rehearsed[0].messages == [
         {"role": "user", "content": "Is 42 even or odd? Answer with even or odd."},
         {"role": "assistant", "content": "even"},
     ]
     assert ctx.logged["lamol/kept_fraction"][-1] == pytest.approx(5 / 7)
     # pseudo samples get the LM loss too, after their own task's marker
-    lm = method._lm_features[tuple(ctx.encode([pseudo[0]])[0]["input_ids"])]
+    lm = method._lm_features[tuple(ctx.encode([rehearsed[0]])[0]["input_ids"])]
     assert "__gen_parity__" in ctx.tokenizer.decode(lm["input_ids"])
     folder = tmp_path / "run" / "pseudo"
     rehearsed = [json.loads(line) for line in (folder / "2-capital_letters.jsonl").read_text().splitlines()]

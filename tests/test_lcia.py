@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from retain.config import config_from_dict
 from retain.data.formats import Example
 from retain.data.streams import Task
+from retain.engine.loop import run_experiment
 from retain.errors import RetainError
 from retain.methods.lcia import (
     CODEBOOK_FILE,
@@ -24,7 +25,6 @@ from retain.methods.lcia import (
 )
 from retain.models.adapters import adapter_state, peft_model, snapshot_trainable, trainable_parameters
 from retain.models.embedder import minilm_available
-from retain.training.loop import run_experiment
 
 from .helpers import tiny_config, tiny_context
 from .test_loop import assert_same, crash_then_resume

@@ -7,9 +7,9 @@ import os
 import pytest
 
 from retain.config import config_from_dict
+from retain.engine import loop
+from retain.engine.loop import run_experiment
 from retain.methods.registry import available
-from retain.training import loop
-from retain.training.loop import run_experiment
 
 from .helpers import tiny_config
 

@@ -9,14 +9,15 @@ import torch
 from safetensors.torch import load_file
 
 from retain.config import config_from_dict
+from retain.engine.loop import run_experiment
 from retain.errors import RetainError
 from retain.methods.base import ContinualMethod
+from retain.methods.common.memory import reservoir_sample
 from retain.methods.ewc import EWC, EWCConfig
 from retain.methods.lwf import LwF, LwFConfig
 from retain.methods.registry import available, create_method, register
-from retain.methods.replay import Replay, ReplayConfig, reservoir_sample
+from retain.methods.replay import Replay, ReplayConfig
 from retain.models.adapters import snapshot_trainable, trainable_parameters
-from retain.training.loop import run_experiment
 
 from .helpers import tiny_config, tiny_context, train_one_task
 

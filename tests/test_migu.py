@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
 from retain.config import config_from_dict
-from retain.data.encode import encode_dataset
 from retain.errors import RetainError
 from retain.methods.base import MethodContext
 from retain.methods.migu import MIGU, MIGUConfig, kept_rows
 from retain.methods.registry import create_method
 from retain.models.adapters import apply_finetuning, trainable_parameters
-from retain.testing import tiny_model, tiny_tokenizer
-from retain.training.trainer import collate, response_forward
+from retain.models.tiny import tiny_model, tiny_tokenizer
 
 from .helpers import tiny_config, tiny_context, train_one_task
 
@@ -27,16 +23,7 @@ def full_context(tmp_path):
     config = config_from_dict(tiny_config(tmp_path, "migu", model={"finetuning_type": "full"}))
     tokenizer = tiny_tokenizer()
     model = apply_finetuning(tiny_model(tokenizer), config.model)
-    ctx = MethodContext(
-        model=model,
-        tokenizer=tokenizer,
-        config=config,
-        tasks=build_stream(config),
-        task_index=2,
-        encode=lambda examples: encode_dataset(tokenizer, examples, 96, source="test"),
-        collate=functools.partial(collate, pad_token_id=tokenizer.pad_token_id),
-        forward=response_forward,
-    )
+    ctx = MethodContext.create(model, tokenizer, config, build_stream(config), task_index=2)
     return ctx, ctx.tasks
 
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from retain.errors import RetainError
-from retain.methods._moe import balance_loss
-from retain.methods.moelora import MoELoRA, MoELoRAConfig
+from retain.methods.common.experts import balance_loss
+from retain.methods.common.moe import MoELoRAConfig
+from retain.methods.moelora import MoELoRA
 from retain.models.adapters import trainable_parameters
 
 from .helpers import tiny_context

@@ -9,10 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 from retain.config import config_from_dict
+from retain.engine.loop import run_experiment
+from retain.methods.common.penalties import adapter_norm
 from retain.methods.olora import OLoRA, OLoRAConfig
 from retain.methods.registry import register
-from retain.models.adapters import adapter_norm, adapter_state, peft_model, trainable_parameters
-from retain.training.loop import run_experiment
+from retain.models.adapters import adapter_state, peft_model, trainable_parameters
 
 from .helpers import tiny_config, tiny_context
 

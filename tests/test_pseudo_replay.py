@@ -6,7 +6,7 @@ import json
 import random
 
 from retain.data.streams import Task
-from retain.methods import _pseudo
+from retain.methods.common import pseudo
 from retain.methods.pseudo_replay import PseudoReplay, PseudoReplayConfig
 
 from .helpers import tiny_context
@@ -14,23 +14,23 @@ from .helpers import tiny_context
 
 def test_demo_prompt_shows_the_demos_in_a_seeded_order_and_opens_a_new_input(tokenizer):
     ctx_free_demos = [
-        _pseudo.pseudo_example(f"Is {n} even or odd?", "even" if n % 2 == 0 else "odd", None, "t", "x", 1)
+        pseudo.pseudo_example(f"Is {n} even or odd?", "even" if n % 2 == 0 else "odd", None, "t", "x", 1)
         for n in (10, 21, 32)
     ]
-    first = tokenizer.decode(_pseudo.demo_prompt(tokenizer, ctx_free_demos, random.Random(0)))
-    again = tokenizer.decode(_pseudo.demo_prompt(tokenizer, ctx_free_demos, random.Random(0)))
+    first = tokenizer.decode(pseudo.demo_prompt(tokenizer, ctx_free_demos, random.Random(0)))
+    again = tokenizer.decode(pseudo.demo_prompt(tokenizer, ctx_free_demos, random.Random(0)))
     assert first == again
     assert all(f"Input: Is {n} even or odd?\nOutput: " in first for n in (10, 21, 32))
     assert first.endswith("<|im_start|>assistant\nInput:")
 
 
 def test_parse_demo_completion():
-    assert _pseudo.parse_demo_completion(" Is 4 even or odd?\nOutput: even") == ("Is 4 even or odd?", "even")
+    assert pseudo.parse_demo_completion(" Is 4 even or odd?\nOutput: even") == ("Is 4 even or odd?", "even")
     # the model went on with another example: only the first one counts
-    assert _pseudo.parse_demo_completion("a\nOutput: b\n\nInput: c\nOutput: d") == ("a", "b")
+    assert pseudo.parse_demo_completion("a\nOutput: b\n\nInput: c\nOutput: d") == ("a", "b")
     for bad in ("no output marker", "\nOutput: b", "a\nOutput:  "):
-        assert _pseudo.parse_demo_completion(bad) is None
-    assert _pseudo.parse_demo_completion("a\nOutput:", need_output=False) == ("a", "")
+        assert pseudo.parse_demo_completion(bad) is None
+    assert pseudo.parse_demo_completion("a\nOutput:", need_output=False) == ("a", "")
 
 
 class FakeGenerate:
@@ -49,7 +49,7 @@ class FakeGenerate:
 
 def test_generates_from_earlier_tasks_demos_only_caps_and_saves_the_memory(tmp_path, monkeypatch):
     fake = FakeGenerate()
-    monkeypatch.setattr(_pseudo, "generate", fake)
+    monkeypatch.setattr(pseudo, "generate", fake)
     ctx, tasks = tiny_context(tmp_path, "pseudo_replay")
     ctx.run_dir = str(tmp_path / "run")
     third = Task(name="third", train=tasks[0].train[:8], test=[], scorer="exact")
@@ -66,10 +66,10 @@ def test_generates_from_earlier_tasks_demos_only_caps_and_saves_the_memory(tmp_p
     for prompt in call["prompts"]:
         assert all(d.messages[0]["content"] in prompt for d in method.demos["parity"])
         assert not any(e.messages[0]["content"] in prompt for e in tasks[1].train)  # never the current task
-    pseudo = data[len(tasks[1].train) :]
+    rehearsed = data[len(tasks[1].train) :]
     # 6 generations: 2 unparsable, then "Is 100", "Is 100" (duplicate), "Is 101", "Is 102"
-    assert [e.messages[0]["content"] for e in pseudo] == [f"Is {n} even or odd?" for n in (100, 101, 102)]
-    assert {e.meta["pseudo_from"] for e in pseudo} == {"parity"}
+    assert [e.messages[0]["content"] for e in rehearsed] == [f"Is {n} even or odd?" for n in (100, 101, 102)]
+    assert {e.meta["pseudo_from"] for e in rehearsed} == {"parity"}
     statuses = [
         json.loads(line)["status"]
         for line in (tmp_path / "run" / "pseudo" / "2-capital_letters.candidates.jsonl")
@@ -97,20 +97,18 @@ def test_generates_from_earlier_tasks_demos_only_caps_and_saves_the_memory(tmp_p
 
 def test_memory_is_capped_and_overlong_samples_are_dropped(tmp_path):
     ctx, tasks = tiny_context(tmp_path, "pseudo_replay")
-    memory = _pseudo.PseudoMemory()
-    made = [_pseudo.pseudo_example(f"q{i}", "a", None, "parity", "x", 2) for i in range(10)]
+    memory = pseudo.PseudoMemory()
+    made = [pseudo.pseudo_example(f"q{i}", "a", None, "parity", "x", 2) for i in range(10)]
     memory.add("parity", made, 4, random.Random(0))
     assert len(memory.examples()) == 4 and all(e in made for e in memory.examples())
-    long = _pseudo.pseudo_example("word " * 200, "a", None, "parity", "x", 2)
-    assert not _pseudo.fits(ctx, long) and _pseudo.fits(ctx, made[0])
+    long = pseudo.pseudo_example("word " * 200, "a", None, "parity", "x", 2)
+    assert not pseudo.fits(ctx, long) and pseudo.fits(ctx, made[0])
 
 
 def test_pseudo_rehearsal_warns_when_no_generation_is_kept(caplog):
     from types import SimpleNamespace
 
-    from retain.methods import _pseudo
-
     ctx = SimpleNamespace(log=lambda *args: None)
     with caplog.at_level("WARNING", logger="retain"):
-        _pseudo.log_kept(ctx, "pseudo_replay", "parity", 0, 64)
+        pseudo.log_kept(ctx, "pseudo_replay", "parity", 0, 64)
     assert "none of 64 generations for task parity" in caplog.text

@@ -7,14 +7,15 @@ import json
 import pytest
 import torch
 
-from retain.data.encode import IGNORE_INDEX, encode_example
+from retain.data.batching import IGNORE_INDEX
+from retain.data.encode import encode_example
 from retain.data.formats import Example
 from retain.data.synthetic import load_synthetic
-from retain.evaluation.evaluate import evaluate_row
+from retain.engine.evaluate import evaluate_row
 from retain.evaluation.rank import encode_choice, label_log_likelihoods, rank_labels
 from retain.evaluation.scoring import accuracy, sari
 from retain.methods.base import ContinualMethod
-from retain.testing import tiny_model, tiny_tokenizer
+from retain.models.tiny import tiny_model, tiny_tokenizer
 
 from .helpers import AlternatingRoutes, tiny_context
 

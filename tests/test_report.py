@@ -14,10 +14,9 @@ from retain.evaluation.report import (
     print_report,
     render_metrics,
     render_table,
-    write_json_atomic,
     write_report,
-    write_text_atomic,
 )
+from retain.io import write_json_atomic, write_text_atomic
 
 TASKS = ["sum", "reverse"]
 MATRIX = [[0.1, 0.2], [0.8, 0.4], [0.6, 0.9]]

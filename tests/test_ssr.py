@@ -9,10 +9,11 @@ import torch
 from peft.tuners.lora import LoraLayer
 
 from retain.config import config_from_dict
+from retain.engine.loop import make_plan
 from retain.errors import RetainError
-from retain.methods import _pseudo, ssr
+from retain.methods import ssr
+from retain.methods.common import pseudo
 from retain.methods.ssr import SSR, SSRConfig, kmeans_select
-from retain.training.loop import make_plan
 
 from .helpers import tiny_config, tiny_context
 
@@ -78,7 +79,7 @@ class Spy:
 
 def test_base_model_writes_inputs_latest_model_answers_and_kmeans_selects(tmp_path, monkeypatch):
     spy = Spy()
-    monkeypatch.setattr(_pseudo, "generate", spy)
+    monkeypatch.setattr(pseudo, "generate", spy)
     features_disabled = []
     real_features = ssr.prompt_features
 
@@ -106,10 +107,10 @@ def test_base_model_writes_inputs_latest_model_answers_and_kmeans_selects(tmp_pa
     )  # latest model answers the selection
     assert not refinement.get("do_sample")
     assert not adapters_disabled(ctx.model)
-    pseudo = data[len(tasks[1].train) :]
-    assert len(pseudo) == 4  # 12 parsable inputs, 5 selected, one refined output empty
-    assert all(e.reference == "odd" and e.meta["pseudo_from"] == "parity" for e in pseudo)
-    assert all(any(e.messages[0]["content"] in p for p in refinement["prompts"]) for e in pseudo)
+    rehearsed = data[len(tasks[1].train) :]
+    assert len(rehearsed) == 4  # 12 parsable inputs, 5 selected, one refined output empty
+    assert all(e.reference == "odd" and e.meta["pseudo_from"] == "parity" for e in rehearsed)
+    assert all(any(e.messages[0]["content"] in p for p in refinement["prompts"]) for e in rehearsed)
     folder = tmp_path / "run" / "pseudo"
     statuses = [
         json.loads(x)["status"]

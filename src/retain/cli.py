@@ -60,8 +60,9 @@ def print_plan(plan) -> None:
             else ")"
         )
     )
-    components = getattr(plan.method, "components", [plan.method])
-    settings = "; ".join(f"{c.name} {c.config}" if c.config is not None else c.name for c in components)
+    settings = "; ".join(
+        f"{c.name} {c.config}" if c.config is not None else c.name for c in plan.method.components
+    )
     console.print(f"[bold]method[/bold] {settings}")
     benchmark = plan.stream.benchmark if plan.stream else None
     if benchmark:
@@ -109,7 +110,7 @@ def print_plan(plan) -> None:
 
 
 def cmd_run(args: argparse.Namespace, train: bool = True, evaluate: bool = True) -> int:
-    from retain.training.loop import make_plan, run_experiment
+    from retain.engine.loop import make_plan, run_experiment
 
     config = _load(args)
     if getattr(args, "dry_run", False):
@@ -133,8 +134,8 @@ def cmd_run(args: argparse.Namespace, train: bool = True, evaluate: bool = True)
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from retain.config import config_from_dict, read_yaml
+    from retain.engine.loop import run_experiment
     from retain.evaluation.report import print_report
-    from retain.training.loop import run_experiment
 
     config_file = os.path.join(args.run_dir, "config.yaml")
     if not os.path.isfile(config_file):
@@ -226,7 +227,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     table = compare_markdown(args.run_dirs, sort=args.sort)
     if args.output:
-        from retain.evaluation.report import write_text_atomic
+        from retain.io import write_text_atomic
 
         write_text_atomic(args.output, table)
     print(table, end="")

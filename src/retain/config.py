@@ -187,7 +187,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if hint is Any:
         return value
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
+        return build_dataclass(hint, value, where)
     if origin is list:
         if not isinstance(value, list):
             raise RetainError(f"config: {where} must be a list, got {value!r}")
@@ -223,7 +223,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
+def build_dataclass(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, converting and checking each value against its annotation."""
     if cls is TaskConfig and isinstance(data, str):
         data = {"train": data}  # `- synthetic:parity` is shorthand for `- {train: synthetic:parity}`
     if data is None:
@@ -334,7 +335,7 @@ def config_from_dict(raw: dict, source: str = "config", overrides: list[str] | N
             # Another method on the command line: the file's settings belong to the old one.
             tree["method"] = {"name": new_name, "params": {}}
         tree = _merge(tree, extra)
-    config = _build(RunConfig, tree, "")
+    config = build_dataclass(RunConfig, tree, "")
     validate(config)
     return config
 

@@ -14,11 +14,19 @@ from typing import Any
 
 from jinja2 import TemplateError
 
+from retain.data.batching import IGNORE_INDEX
 from retain.data.formats import Example
 from retain.errors import RetainError
-from retain.testing import CHATML_TEMPLATE
 
-IGNORE_INDEX = -100
+# The template of tokenizers that bring none (SmolLM2's ChatML, which the tiny test tokenizer also uses).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 logger = logging.getLogger(__name__)
 
 

@@ -191,8 +191,6 @@ class Stream:
 
 def load_stream(run: RunConfig) -> Stream:
     """All tasks of the run, loaded and checked, with the warnings the run's report repeats."""
-    from retain.evaluation.scoring import get_scorer
-
     warnings: list[str] = []
     benchmark = None
     if run.stream.benchmark:
@@ -202,7 +200,6 @@ def load_stream(run: RunConfig) -> Stream:
     for warning in warnings:
         logger.warning("%s", warning)
     for task in tasks:
-        get_scorer(task.scorer)  # unknown scorer names fail here, before training
         for note in task.notes:
             logger.warning("task %s: %s", task.name, note)
         for finding in task.hygiene:

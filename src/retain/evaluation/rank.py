@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from retain.data.encode import IGNORE_INDEX, encode_example, encode_prompt
+from retain.data.batching import IGNORE_INDEX, collate
+from retain.data.encode import encode_example, encode_prompt
 from retain.data.formats import Example
 from retain.errors import RetainError
-from retain.training.trainer import collate, response_forward
+from retain.models.forward import response_forward
 
 # Prompts are never truncated at evaluation (generation does not truncate them either).
 _NO_CUTOFF = 1 << 30

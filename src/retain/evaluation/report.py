@@ -27,15 +27,14 @@ import io
 import json
 import math
 import os
-import uuid
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from retain.errors import RetainError
 from retain.evaluation.metrics import METRIC_NAMES, compute_metrics, validate_matrix
+from retain.io import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 RESULTS_SCHEMA_VERSION = 1
 
@@ -79,43 +78,6 @@ def build_results(
         raise ValueError(f"extra keys {clash} would overwrite the results schema's own keys")
     results.update(extra or {})
     return results
-
-
-def _write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, fsync it, then rename it over `path`.
-
-    A reader (or a resumed run after a crash) sees the old file or the new one, never half of one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    # os.open with mode 0o666 honours the umask, unlike tempfile's private 0o600 files.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # persist the rename itself; directories cannot be opened on Windows
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write `text` (UTF-8) to `path` atomically: temporary file in the same directory, fsync, rename."""
-    _write_bytes_atomic(path, text.encode("utf-8"))
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write `obj` as indented JSON to `path` atomically; NaN or infinity is an error (not valid JSON)."""
-    write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
 def _row_labels(results: dict) -> list[str]:
@@ -201,7 +163,7 @@ def plot_matrix(results: dict, path: str | os.PathLike) -> None:
     figure.colorbar(image, ax=axes, label="accuracy")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
-    _write_bytes_atomic(path, buffer.getvalue())
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def _md_cell(text: str) -> str:

@@ -33,18 +33,17 @@ from torch import nn
 
 from retain.data.formats import Example
 from retain.errors import RetainError
-from retain.methods._routing import RoutedMethod, check_feature_settings, prompt_features, sample_indices
-from retain.methods.base import MethodContext, StepOutputs
-from retain.methods.registry import register
-from retain.models.adapters import (
-    a_overlap_l1,
-    activate_adapters,
-    adapter_state,
-    add_adapter,
-    lora_a_overlap_pairs,
-    norm_of,
-    peft_model,
+from retain.methods.base import MethodContext
+from retain.methods.common.penalties import a_overlap_l1, lora_a_overlap_pairs, norm_of
+from retain.methods.common.routing import (
+    RoutedMethod,
+    check_feature_settings,
+    prompt_features,
+    sample_indices,
 )
+from retain.methods.registry import register
+from retain.models.adapters import activate_adapters, adapter_state, add_adapter, peft_model
+from retain.models.forward import StepOutputs
 
 if TYPE_CHECKING:
     from retain.data.streams import Task

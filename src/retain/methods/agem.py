@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from retain.methods._episodic import CHUNK, EpisodicConfig, EpisodicProjection, dots64, memory_gradient
 from retain.methods.base import MethodContext
+from retain.methods.common.episodic import CHUNK, EpisodicConfig, EpisodicProjection, dots64, memory_gradient
 from retain.methods.registry import register
 
 

@@ -1,21 +1,26 @@
 """The method interface: a continual-learning method overrides only the hooks it needs.
 
-The loop (training/loop.py) calls, for each task: before_task -> training_data -> (every step: loss,
-before_optimizer_step, after_optimizer_step) -> after_task -> checkpoint (state_dict) -> evaluation
-(eval_model). See ARCHITECTURE.md, "The method interface".
+The engine (retain/engine/loop.py) calls, for each task: before_task -> training_data -> (every step:
+loss, before_optimizer_step, after_optimizer_step) -> after_task -> checkpoint (state_dict) -> evaluation
+(eval_model or eval_routes + activate_route). docs/architecture.md has the table of hooks.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
+from retain.data.batching import collate
+from retain.data.encode import encode_dataset
 from retain.data.formats import Example
+from retain.models.forward import StepOutputs, response_forward
 
 if TYPE_CHECKING:
     from retain.config import RunConfig
@@ -23,22 +28,11 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class StepOutputs:
-    """What one training forward produced: the response-token loss and the logits it came from.
-
-    `logits[:, i]` predicts `labels[:, i]`; positions whose label is -100 are not learned. Only the
-    window of positions that hold responses is kept (the LM head is not applied to the prompt).
-    """
-
-    loss: torch.Tensor
-    logits: torch.Tensor
-    labels: torch.Tensor
-    keep: int  # number of final positions the logits cover (pass as logits_to_keep to reproduce them)
-
-
-@dataclass
 class MethodContext:
-    """What hooks may use: the model, the tokenizer, the stream and where the run lives."""
+    """What hooks may use: the model, the tokenizer, the stream and where the run lives.
+
+    Build it with `MethodContext.create`, which wires the training encoding, batching and forward.
+    """
 
     model: nn.Module
     tokenizer: Any
@@ -48,10 +42,43 @@ class MethodContext:
     run_dir: str | None = None
     rank: int = 0
     world_size: int = 1
-    encode: Any = None  # callable(list[Example]) -> list of features, the training encoding
-    collate: Any = None  # callable(list of features) -> batch of tensors
-    forward: Any = None  # callable(model, batch, keep=None) -> StepOutputs, the training forward
+    bf16: bool = False  # whether training and evaluation run under bf16 autocast
+    encode: Callable[[list[Example]], list[dict]] | None = None  # the training encoding
+    collate: Callable[[list[dict]], dict[str, torch.Tensor]] | None = None  # features -> batch of tensors
+    forward: Callable[..., StepOutputs] | None = None  # (model, batch, keep=None): the training forward
     logged: dict[str, list[float | torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
+
+    @classmethod
+    def create(
+        cls,
+        model: nn.Module,
+        tokenizer: Any,
+        config: RunConfig,
+        tasks: list[Task],
+        *,
+        run_dir: str | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        bf16: bool = False,
+        task_index: int = 0,
+    ) -> MethodContext:
+        """The context of a run: examples are encoded as training encodes them (cutoff `train.cutoff_len`),
+        batched by left padding and run through the response-window forward."""
+        cutoff = config.train.cutoff_len
+        return cls(
+            model=model,
+            tokenizer=tokenizer,
+            config=config,
+            tasks=tasks,
+            task_index=task_index,
+            run_dir=run_dir,
+            rank=rank,
+            world_size=world_size,
+            bf16=bf16,
+            encode=lambda examples: encode_dataset(tokenizer, examples, cutoff, source="method"),
+            collate=functools.partial(collate, pad_token_id=tokenizer.pad_token_id),
+            forward=response_forward,
+        )
 
     @property
     def task(self) -> Task:
@@ -79,13 +106,23 @@ class ContinualMethod:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     config_cls: ClassVar[type | None] = None
+    # Capabilities, declared by each method and checked when the config is read.
     supports_full_finetuning: ClassVar[bool] = True
     supports_multiprocess: ClassVar[bool] = True
+    # The method is told which task a test prompt belongs to (an oracle; results.json records it).
     needs_task_id_at_test: ClassVar[bool] = False
     joint_training: ClassVar[bool] = False  # train once on all tasks (multitask upper bound)
+    # The method decides which adapters or weights answer at test time (it overrides eval_model,
+    # eval_routes, activate_route or restore); at most one such method may be combined with others.
+    decides_eval_model: ClassVar[bool] = False
 
     def __init__(self, config: Any = None) -> None:
         self.config = config
+
+    @property
+    def components(self) -> list[ContinualMethod]:
+        """The methods this one applies: itself, or each part of a combination."""
+        return [self]
 
     def setup(self, ctx: MethodContext) -> None:
         """Once, after the model is loaded and wrapped."""

@@ -37,9 +37,9 @@ import torch
 
 from retain.data.formats import Example
 from retain.errors import RetainError
-from retain.methods._moe import LoRAExperts, MoEMethod
 from retain.methods.base import MethodContext
-from retain.methods.moelora import MoELoRAConfig
+from retain.methods.common.experts import LoRAExperts
+from retain.methods.common.moe import MoELoRAConfig, MoEMethod
 from retain.methods.registry import register
 
 if TYPE_CHECKING:

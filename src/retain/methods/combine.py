@@ -7,9 +7,8 @@ Each hook runs every component in order; training data passes through each compo
 Refused when the config is read, with the reason:
 - `multitask` combines with nothing: it trains once on all tasks, there is no stream to protect.
 - a method cannot be combined with itself.
-- at most one component may change which model answers at evaluation (adapter, EMA and routing
-  methods: those overriding eval_model, eval_routes, activate_route or restore); two of them would
-  fight over the active adapters.
+- at most one component may decide which model answers at evaluation (`decides_eval_model`: the
+  adapter, EMA and routing methods); two of them would fight over the active adapters.
 """
 
 from __future__ import annotations
@@ -21,18 +20,11 @@ from torch import nn
 
 from retain.data.formats import Example
 from retain.errors import RetainError
-from retain.methods.base import ContinualMethod, MethodContext, StepOutputs
+from retain.methods.base import ContinualMethod, MethodContext
+from retain.models.forward import StepOutputs
 
 if TYPE_CHECKING:
     from retain.data.streams import Task
-
-MODEL_HOOKS = ("eval_model", "eval_routes", "activate_route", "restore")
-
-
-def shapes_evaluated_model(method: ContinualMethod) -> bool:
-    """Whether the method decides which adapters/weights answer at test time."""
-    return any(getattr(type(method), hook) is not getattr(ContinualMethod, hook) for hook in MODEL_HOOKS)
-
 
 class Combined(ContinualMethod):
     """Several methods applied together; the first one is the main method."""
@@ -47,18 +39,23 @@ class Combined(ContinualMethod):
             raise RetainError(
                 f"config: '{joint[0]}' trains once on all tasks and cannot be combined with other methods"
             )
-        shaping = [c.name for c in components if shapes_evaluated_model(c)]
+        shaping = [c.name for c in components if c.decides_eval_model]
         if len(shaping) > 1:
             raise RetainError(
                 f"config: {' and '.join(shaping)} both decide which adapters answer at evaluation; "
                 "combine at most one of them with regularization or rehearsal methods"
             )
-        self.components = components
+        self._components = components
         self.name = "+".join(names)
         self.supports_full_finetuning = all(c.supports_full_finetuning for c in components)
         self.supports_multiprocess = all(c.supports_multiprocess for c in components)
         self.needs_task_id_at_test = any(c.needs_task_id_at_test for c in components)
-        self.router = next((c for c in components if shapes_evaluated_model(c)), components[0])
+        self.decides_eval_model = any(c.decides_eval_model for c in components)
+        self.router = next((c for c in components if c.decides_eval_model), components[0])
+
+    @property
+    def components(self) -> list[ContinualMethod]:
+        return self._components
 
     def setup(self, ctx: MethodContext) -> None:
         for c in self.components:

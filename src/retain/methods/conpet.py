@@ -23,14 +23,14 @@ from torch import nn
 
 from retain.data.formats import Example
 from retain.errors import RetainError
-from retain.methods._routing import (
+from retain.methods.base import MethodContext
+from retain.methods.common.routing import (
     ROUTE_SEPARATOR,
     RoutedMethod,
     check_feature_settings,
     prompt_features,
     sample_indices,
 )
-from retain.methods.base import MethodContext
 from retain.methods.registry import register
 from retain.models.adapters import activate_adapters, add_adapter, peft_model
 

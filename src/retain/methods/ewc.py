@@ -17,9 +17,10 @@ import torch
 import torch.distributed as dist
 
 from retain.errors import RetainError
-from retain.methods.base import ContinualMethod, MethodContext, StepOutputs
+from retain.methods.base import ContinualMethod, MethodContext
 from retain.methods.registry import register
 from retain.models.adapters import snapshot_trainable, trainable_parameters
+from retain.models.forward import StepOutputs
 
 
 @dataclass

@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from retain.errors import RetainError
-from retain.methods._episodic import CHUNK, EpisodicConfig, EpisodicProjection, dots64, memory_gradient
 from retain.methods.base import MethodContext
+from retain.methods.common.episodic import CHUNK, EpisodicConfig, EpisodicProjection, dots64, memory_gradient
 from retain.methods.registry import register
 
 logger = logging.getLogger(__name__)

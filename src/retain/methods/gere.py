@@ -47,10 +47,10 @@ from torch import nn
 from retain.data.encode import encode_example
 from retain.data.formats import parse_alpaca
 from retain.errors import RetainError
-from retain.methods.base import ContinualMethod, MethodContext, StepOutputs
+from retain.methods.base import ContinualMethod, MethodContext
 from retain.methods.registry import register
 from retain.models.adapters import unwrap
-from retain.training.trainer import hidden_states, response_forward_with_hidden
+from retain.models.forward import StepOutputs, hidden_states, response_forward_with_hidden
 
 logger = logging.getLogger(__name__)
 
@@ -259,9 +259,7 @@ class GeRe(ContinualMethod):
 
     def _base_states(self, ctx: MethodContext, model: nn.Module, device: torch.device):
         """The [tokens, H] fp32 last-layer states of each general sample (no padding), from the base model."""
-        from retain.training.loop import use_bf16  # the training precision; loop imports the methods
-
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(ctx.config))
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx.bf16)
         size = self.config.record_batch_size
         with base_model(model) as inner, autocast:
             for start in range(0, len(self.features), size):

@@ -22,11 +22,11 @@ from torch import nn
 
 from retain.data.formats import Example
 from retain.errors import RetainError
-from retain.methods.base import ContinualMethod, MethodContext, StepOutputs
+from retain.methods.base import ContinualMethod, MethodContext
+from retain.methods.common.memory import draw_evenly, reservoir_sample
 from retain.methods.registry import register
-from retain.methods.replay import draw_evenly, reservoir_sample
 from retain.models.adapters import activate_adapters, adapter_state, add_adapter, peft_model, unwrap
-from retain.training.trainer import forward_with_weights, response_forward_with_hidden
+from retain.models.forward import StepOutputs, forward_with_weights, response_forward_with_hidden
 
 if TYPE_CHECKING:
     from retain.data.streams import Task
@@ -91,6 +91,7 @@ class ILoRA(ContinualMethod):
 
     config: ILoRAConfig
     supports_full_finetuning = False
+    decides_eval_model = True
 
     def __init__(self, config: ILoRAConfig | None = None) -> None:
         super().__init__(config or ILoRAConfig())

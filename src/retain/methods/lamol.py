@@ -29,10 +29,11 @@ import torch
 
 from retain.data.formats import Example
 from retain.errors import RetainError
-from retain.methods import _pseudo
-from retain.methods.base import ContinualMethod, MethodContext, StepOutputs
+from retain.methods.base import ContinualMethod, MethodContext
+from retain.methods.common import pseudo
 from retain.methods.registry import register
 from retain.models.adapters import unwrap
+from retain.models.forward import StepOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def gen_marker(task: str) -> str:
 
 def generation_example(example: Example, task: str) -> Example:
     """The LM sequence of an example: user turn [GEN_task], assistant turn `question __ans__ answer`."""
-    text = f"{_pseudo.question_of(example)}\n{ANSWER_MARKER}\n{example.reference}"
+    text = f"{pseudo.question_of(example)}\n{ANSWER_MARKER}\n{example.reference}"
     messages = [{"role": "user", "content": gen_marker(task)}, {"role": "assistant", "content": text}]
     return Example(messages, example.system, {"lamol_lm_of": task})
 
@@ -106,22 +107,22 @@ class LAMOL(ContinualMethod):
 
     def __init__(self, config: LAMOLConfig | None = None) -> None:
         super().__init__(config or LAMOLConfig())
-        self.memory = _pseudo.PseudoMemory()
+        self.memory = pseudo.PseudoMemory()
         self.systems: dict[str, str | None] = {}
         # token ids of each training example -> its LM sequence's features; rebuilt by training_data
         self._lm_features: dict[tuple[int, ...], dict[str, list[int]]] = {}
 
     def training_data(self, ctx: MethodContext, task, data: list[Example]) -> list[Example]:
-        own = _pseudo.own_examples(data)
+        own = pseudo.own_examples(data)
         self.systems[task.name] = own[0].system if own else None
         if ctx.task_index > 1 and self.config.gen_ratio > 0:
             fresh = self.generate_pseudo(ctx, task, len(own))
             if not self.config.accumulate:
-                self.memory = _pseudo.PseudoMemory()
-            for source in dict.fromkeys(e.meta[_pseudo.PSEUDO_FROM] for e in fresh):
-                samples = [e for e in fresh if e.meta[_pseudo.PSEUDO_FROM] == source]
+                self.memory = pseudo.PseudoMemory()
+            for source in dict.fromkeys(e.meta[pseudo.PSEUDO_FROM] for e in fresh):
+                samples = [e for e in fresh if e.meta[pseudo.PSEUDO_FROM] == source]
                 self.memory.add(source, samples, self.config.memory_per_task, ctx.rng(f"lamol:cap:{source}"))
-            _pseudo.write_jsonl(ctx, f"{ctx.task_index}-{task.name}", _pseudo.rehearsed_records(self.memory))
+            pseudo.write_jsonl(ctx, f"{ctx.task_index}-{task.name}", pseudo.rehearsed_records(self.memory))
         rehearsed = self.memory.examples()
         ctx.log("lamol/pseudo_examples", len(rehearsed))
         out = data + rehearsed
@@ -131,45 +132,45 @@ class LAMOL(ContinualMethod):
     def generate_pseudo(self, ctx: MethodContext, task, size: int) -> list[Example]:
         """Sample ceil(gen_ratio * size) sequences after the [GEN] markers of tasks 1..t-1 and parse them."""
         previous = [t.name for t in ctx.tasks[: ctx.task_index - 1]]
-        shares = _pseudo.spread(_pseudo.pseudo_count(self.config.gen_ratio, size), len(previous))
+        shares = pseudo.spread(pseudo.pseudo_count(self.config.gen_ratio, size), len(previous))
         prompts, sources = [], []
         for source, share in zip(previous, shares, strict=True):
-            ids = _pseudo.chat_prompt(ctx.tokenizer, gen_marker(source), self.systems.get(source))
+            ids = pseudo.chat_prompt(ctx.tokenizer, gen_marker(source), self.systems.get(source))
             prompts += [ids] * share
             sources += [source] * share
-        texts = _pseudo.generate_texts(
+        texts = pseudo.generate_texts(
             ctx,
             ctx.model,
             prompts,
             f"lamol: pseudo samples before task {ctx.task_index}",
-            max_new_tokens=_pseudo.token_limit(ctx, self.config.max_new_tokens),
+            max_new_tokens=pseudo.token_limit(ctx, self.config.max_new_tokens),
             do_sample=True,
             top_k=self.config.top_k,
             temperature=self.config.temperature,
-            seed=_pseudo.sampling_seed(ctx, "lamol:generate"),
+            seed=pseudo.sampling_seed(ctx, "lamol:generate"),
         )
         fresh, records = [], []
         for source, text in zip(sources, texts, strict=True):
             parsed = parse_generation(text)
             status = "unparsable"
             if parsed is not None:
-                example = _pseudo.pseudo_example(
+                example = pseudo.pseudo_example(
                     *parsed, self.systems.get(source), source, "lamol", ctx.task_index
                 )
-                status = "too_long" if not _pseudo.fits(ctx, example) else "kept"
+                status = "too_long" if not pseudo.fits(ctx, example) else "kept"
                 if status == "kept":
                     fresh.append(example)
             records.append({"from_task": source, "text": text, "status": status})
         for source in previous:
-            kept = sum(1 for e in fresh if e.meta[_pseudo.PSEUDO_FROM] == source)
-            _pseudo.log_kept(ctx, "lamol", source, kept, sources.count(source))
-        _pseudo.write_jsonl(ctx, f"{ctx.task_index}-{task.name}.candidates", records)
+            kept = sum(1 for e in fresh if e.meta[pseudo.PSEUDO_FROM] == source)
+            pseudo.log_kept(ctx, "lamol", source, kept, sources.count(source))
+        pseudo.write_jsonl(ctx, f"{ctx.task_index}-{task.name}.candidates", records)
         return fresh
 
     def _index_lm_sequences(self, ctx: MethodContext, task, data: list[Example]) -> None:
         """Map each training example's token ids to the features of its generation sequence."""
         lm = [
-            generation_example(e, e.meta.get(_pseudo.PSEUDO_FROM) or e.meta.get("replayed_from") or task.name)
+            generation_example(e, e.meta.get(pseudo.PSEUDO_FROM) or e.meta.get("replayed_from") or task.name)
             for e in data
         ]
         self._lm_features = {
@@ -198,7 +199,7 @@ class LAMOL(ContinualMethod):
         return {"memory": self.memory.state_dict(), "systems": dict(self.systems)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.memory = _pseudo.PseudoMemory()
+        self.memory = pseudo.PseudoMemory()
         self.memory.load_state_dict(state.get("memory", {}))
         self.systems = dict(state.get("systems", {}))
         self._lm_features = {}

@@ -34,9 +34,9 @@ from torch import nn
 
 from retain.data.formats import Example
 from retain.errors import RetainError
-from retain.evaluation.report import write_json_atomic
-from retain.methods._routing import RoutedMethod
+from retain.io import write_json_atomic
 from retain.methods.base import MethodContext
+from retain.methods.common.routing import RoutedMethod
 from retain.methods.registry import register
 from retain.models.adapters import activate_adapters, add_adapter, trainable_parameters
 from retain.models.embedder import SIMILARITIES, Similarity, build_similarity

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from retain.data.batching import IGNORE_INDEX
 from retain.errors import RetainError
-from retain.methods.base import ContinualMethod, MethodContext, StepOutputs
+from retain.methods.base import ContinualMethod, MethodContext
 from retain.methods.registry import register
 from retain.models.adapters import snapshot_trainable, unwrap
-from retain.training.trainer import forward_with_weights
+from retain.models.forward import StepOutputs, forward_with_weights
 
 
 @dataclass
@@ -35,8 +36,8 @@ class LwFConfig:
 def response_kl(
     student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float
 ) -> torch.Tensor:
-    """T^2 * KL(teacher || student) per response token (labels != -100), averaged over those tokens."""
-    mask = labels != -100
+    """T^2 * KL(teacher || student) per response token (labels != IGNORE_INDEX), averaged over them."""
+    mask = labels != IGNORE_INDEX
     if not mask.any():
         return student.new_zeros(())
     s = F.log_softmax(student[mask].float() / temperature, dim=-1)

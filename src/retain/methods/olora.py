@@ -17,18 +17,11 @@ import torch
 from torch import nn
 
 from retain.errors import RetainError
-from retain.methods.base import ContinualMethod, MethodContext, StepOutputs
+from retain.methods.base import ContinualMethod, MethodContext
+from retain.methods.common.penalties import a_overlap_l1, lora_a_overlap_pairs, norm_of
 from retain.methods.registry import register
-from retain.models.adapters import (
-    a_overlap_l1,
-    activate_adapters,
-    adapter_names,
-    adapter_state,
-    add_adapter,
-    lora_a_overlap_pairs,
-    norm_of,
-    peft_model,
-)
+from retain.models.adapters import activate_adapters, adapter_names, adapter_state, add_adapter, peft_model
+from retain.models.forward import StepOutputs
 
 if TYPE_CHECKING:
     from retain.data.streams import Task
@@ -56,6 +49,7 @@ class OLoRA(ContinualMethod):
 
     config: OLoRAConfig
     supports_full_finetuning = False
+    decides_eval_model = True
 
     def __init__(self, config: OLoRAConfig | None = None) -> None:
         super().__init__(config or OLoRAConfig())

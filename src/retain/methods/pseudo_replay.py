@@ -18,8 +18,8 @@ from typing import Any
 
 from retain.data.formats import Example
 from retain.errors import RetainError
-from retain.methods import _pseudo
 from retain.methods.base import MethodContext
+from retain.methods.common import pseudo
 from retain.methods.registry import register
 
 
@@ -47,7 +47,7 @@ class PseudoReplayConfig:
 
 
 @register("pseudo_replay", config=PseudoReplayConfig)
-class PseudoReplay(_pseudo.DemoRehearsal):
+class PseudoReplay(pseudo.DemoRehearsal):
     """Pseudo replay: the model writes samples of earlier tasks from a few stored demos; rehearse them."""
 
     config: PseudoReplayConfig
@@ -58,15 +58,15 @@ class PseudoReplay(_pseudo.DemoRehearsal):
     def synthesize(self, ctx: MethodContext, source: str) -> list[dict[str, Any]]:
         """Fill the memory of task `source` from its demonstrations; returns one record per generation."""
         demos = self.demos[source]
-        texts = _pseudo.demo_generations(
+        texts = pseudo.demo_generations(
             ctx,
             ctx.model,
             demos,
             self.config.memory_per_task,
             f"pseudo_replay:{source}",
             f"pseudo_replay: samples of {source}",
-            max_new_tokens=_pseudo.token_limit(ctx, self.config.max_new_tokens),
-            stop_strings=["\n" + _pseudo.DEMO_INPUT],
+            max_new_tokens=pseudo.token_limit(ctx, self.config.max_new_tokens),
+            stop_strings=["\n" + pseudo.DEMO_INPUT],
             do_sample=True,
             temperature=self.config.temperature,
             top_p=self.config.top_p,
@@ -76,21 +76,21 @@ class PseudoReplay(_pseudo.DemoRehearsal):
         seen: set[tuple[str, str]] = set()
         records = []
         for text in texts:
-            parsed = _pseudo.parse_demo_completion(text)
+            parsed = pseudo.parse_demo_completion(text)
             status = "unparsable"
             if parsed is not None:
-                example = _pseudo.pseudo_example(*parsed, system, source, "pseudo_replay", ctx.task_index)
+                example = pseudo.pseudo_example(*parsed, system, source, "pseudo_replay", ctx.task_index)
                 status = (
                     "duplicate"
                     if parsed in seen
                     else "too_long"
-                    if not _pseudo.fits(ctx, example)
+                    if not pseudo.fits(ctx, example)
                     else "kept"
                 )
                 if status == "kept":
                     seen.add(parsed)
                     kept.append(example)
             records.append({"from_task": source, "text": text, "status": status})
-        _pseudo.log_kept(ctx, "pseudo_replay", source, len(kept), len(texts))
+        pseudo.log_kept(ctx, "pseudo_replay", source, len(kept), len(texts))
         self.memory.add(source, kept, self.config.memory_per_task, ctx.rng(f"pseudo_replay:cap:{source}"))
         return records

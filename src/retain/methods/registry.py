@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import pkgutil
 from collections.abc import Callable
 from typing import Any
 
+from retain.config import build_dataclass
 from retain.errors import RetainError, did_you_mean
 from retain.methods.base import ContinualMethod
+from retain.methods.combine import Combined
 
 _METHODS: dict[str, type[ContinualMethod]] = {}
 
@@ -34,11 +37,10 @@ def register(
 
 def _load_builtins() -> None:
     """Import every module of this package once: each method file registers itself on import."""
-    import retain.methods as package
-
-    for module in pkgutil.iter_modules(package.__path__):
-        if module.name not in ("base", "registry"):
-            importlib.import_module(f"{package.__name__}.{module.name}")
+    package = __name__.rpartition(".")[0]
+    for module in pkgutil.iter_modules([os.path.dirname(__file__)]):
+        if module.name not in ("base", "registry", "combine") and not module.ispkg:
+            importlib.import_module(f"{package}.{module.name}")
 
 
 def available() -> dict[str, type[ContinualMethod]]:
@@ -58,14 +60,12 @@ def get_method_class(name: str) -> type[ContinualMethod]:
 
 def build_method_config(name: str, params: dict[str, Any]) -> Any:
     """Validate `params` against the method's config dataclass (unknown keys get a did-you-mean)."""
-    from retain.config import _build
-
     cls = get_method_class(name)
     if cls.config_cls is None:
         if params:
             raise RetainError(f"config: method '{name}' takes no settings, got {', '.join(params)}")
         return None
-    return _build(cls.config_cls, params, "method")
+    return build_dataclass(cls.config_cls, params, "method")
 
 
 def _plus_entries(plus: Any) -> list[tuple[str, dict[str, Any]]]:
@@ -91,8 +91,6 @@ def create_method(name: str, params: dict[str, Any] | None = None) -> ContinualM
     main = get_method_class(name)(build_method_config(name, params))
     if not plus:
         return main
-    from retain.methods.combine import Combined
-
     extra = [get_method_class(n)(build_method_config(n, p)) for n, p in _plus_entries(plus)]
     return Combined([main, *extra])
 
@@ -106,3 +104,17 @@ def describe(cls: type[ContinualMethod]) -> list[tuple[str, Any, str]]:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         rows.append((f.name, default, f.metadata.get("help", "")))
     return rows
+
+
+def _settings_of(method: ContinualMethod) -> dict[str, Any]:
+    return dataclasses.asdict(method.config) if dataclasses.is_dataclass(method.config) else {}
+
+
+def resolved_settings(method: ContinualMethod) -> dict[str, Any]:
+    """Every setting of `method` as it runs, defaults included, in the form `method.params` takes:
+    the main method's fields, and under `plus` one `{name, ...fields}` per further component."""
+    main, *extra = method.components
+    settings = _settings_of(main)
+    if extra:
+        settings["plus"] = [{"name": c.name, **_settings_of(c)} for c in extra]
+    return settings

@@ -16,6 +16,7 @@ from typing import Any
 from retain.data.formats import Example
 from retain.errors import RetainError
 from retain.methods.base import ContinualMethod, MethodContext
+from retain.methods.common.memory import draw_evenly, reservoir_sample
 from retain.methods.registry import register
 
 
@@ -35,31 +36,6 @@ class ReplayConfig:
             raise RetainError("config: method.memory_size must be >= 0 and method.memory_ratio in [0, 1]")
         if self.memory_size == 0 and self.memory_ratio == 0.0:
             raise RetainError("config: replay needs method.memory_size > 0 or method.memory_ratio > 0")
-
-
-def reservoir_sample(stream: list[Any], k: int, rng: random.Random) -> list[Any]:
-    """Algorithm R: a uniform sample of k items from a stream seen once."""
-    reservoir: list[Any] = []
-    for i, item in enumerate(stream):
-        if i < k:
-            reservoir.append(item)
-        else:
-            j = rng.randint(0, i)
-            if j < k:
-                reservoir[j] = item
-    return reservoir
-
-
-def draw_evenly(memories: list[list[Any]], n: int, rng: random.Random) -> list[Any]:
-    """n items spread evenly over the memories; a memory smaller than its share is cycled."""
-    if n <= 0 or not memories:
-        return []
-    drawn: list[Any] = []
-    for i, memory in enumerate(memories):
-        share = n // len(memories) + (1 if i < n % len(memories) else 0)
-        order = rng.sample(memory, len(memory))
-        drawn.extend(order[j % len(order)] for j in range(share))
-    return drawn
 
 
 @register("replay", config=ReplayConfig)

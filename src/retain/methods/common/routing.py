@@ -22,18 +22,18 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from retain.data.batching import IGNORE_INDEX
 from retain.data.encode import encode_prompt
 from retain.data.formats import Example
 from retain.errors import RetainError
 from retain.methods.base import ContinualMethod, MethodContext
 from retain.models.adapters import activate_adapters, peft_model, unwrap
-from retain.training.trainer import hidden_states
+from retain.models.forward import hidden_states
 
 if TYPE_CHECKING:
     from retain.data.streams import Task
 
 logger = logging.getLogger(__name__)
-IGNORE = -100  # label of a position that is not learned (as in training/trainer.py)
 
 POOLS = ("mean", "last")
 ROUTE_SEPARATOR = "+"
@@ -60,7 +60,7 @@ def prompt_batches(
         features = []
         for example in examples[start : start + batch_size]:
             ids = encode_prompt(ctx.tokenizer, example)
-            features.append({"input_ids": ids, "labels": [IGNORE] * len(ids)})
+            features.append({"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids)})
         yield {k: v.to(ctx.device) for k, v in ctx.collate(features).items()}
 
 
@@ -122,6 +122,7 @@ class RoutedMethod(ContinualMethod):
     """
 
     supports_full_finetuning = False
+    decides_eval_model = True
 
     def route(self, ctx: MethodContext, task: Task) -> list[str]:
         """The route (adapter names joined by '+') of every test instance of `task`, in order."""

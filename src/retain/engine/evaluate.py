@@ -1,5 +1,8 @@
 """Evaluate the model on every task of the stream: one row of the accuracy matrix per call.
 
+This lives in the engine, not in evaluation/, because it asks the method which model (or which route of
+a routed method) answers each prompt; evaluation/ only generates, ranks and scores.
+
 With `eval.mode: generate` every task's test prompts are answered by greedy generation. With
 `eval.mode: rank`, a task with a label set (`Task.labels`) is answered by ranking its labels by
 log-likelihood instead (retain.evaluation.rank); tasks without labels are still generated.
@@ -19,8 +22,8 @@ from torch import nn
 from retain.data.encode import encode_prompt
 from retain.evaluation.generate import generate
 from retain.evaluation.rank import rank_labels
-from retain.evaluation.report import write_text_atomic
 from retain.evaluation.scoring import needs_source, score
+from retain.io import write_text_atomic
 from retain.methods.base import ContinualMethod, MethodContext
 
 T = TypeVar("T")
@@ -77,14 +80,14 @@ def evaluate_row(
     out_files: list[str],
     max_new_tokens: int,
     batch_size: int,
-    bf16: bool = False,
 ) -> list[float]:
     """Score every task's test set; write one JSONL of predictions per task; return the mean scores.
 
-    `batch_size` is prompts per batch in both modes (rank mode scores every label of a batch's prompts).
+    `batch_size` is prompts per batch in both modes (rank mode scores every label of a batch's prompts);
+    the model answers under bf16 autocast when the run trains in bf16 (`ctx.bf16`).
     """
     scores_row = []
-    autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if ctx.bf16 else contextlib.nullcontext()
     rank_mode = ctx.config.eval.mode == "rank"
     for task, out_file in zip(ctx.tasks, out_files, strict=True):
         # Duplicate labels would only split ties; the order is kept so ties go to the first label.

@@ -1,101 +1,36 @@
 """The continual loop: for each task, before_task -> train -> after_task -> checkpoint -> evaluate all tasks.
 
-Everything that can fail on user input (config, data, cutoff, method settings) is checked before the
-run directory is touched. A run that is killed resumes after its last completed task (the checkpoint
-and state.json are written atomically) and reaches the same results as an uninterrupted one, because
-every task is seeded from (seed, task index) and restarts from the saved weights and method state.
+Everything that can fail on user input is checked by the plan (retain.engine.plan) before the run
+directory is touched. A run that is killed resumes after its last completed task (the checkpoint and
+state.json are written atomically) and reaches the same results as an uninterrupted one, because every
+task is seeded from (seed, task index) and restarts from the saved weights and method state.
+docs/architecture.md draws the states a run goes through.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 
 import torch
-from accelerate import PartialState
 from transformers import TrainingArguments, set_seed
 
 from retain.config import RunConfig
+from retain.data.batching import FeatureDataset
 from retain.data.encode import encode_dataset
-from retain.data.streams import Stream, Task, load_stream
-from retain.errors import RetainError
-from retain.evaluation.evaluate import evaluate_row
+from retain.engine.evaluate import evaluate_row
+from retain.engine.plan import Plan, check_encoding, make_plan
+from retain.engine.run_dir import RunDir, RunState
+from retain.engine.trainer import ContinualTrainer
 from retain.evaluation.report import build_results, write_report
-from retain.methods.base import ContinualMethod, MethodContext
-from retain.methods.registry import create_method
+from retain.methods.base import MethodContext
 from retain.models.adapters import adapter_names, apply_finetuning
 from retain.models.loading import load_model, load_tokenizer
-from retain.training.run_dir import RunDir
-from retain.training.trainer import ContinualTrainer, FeatureDataset, collate, response_forward
+from retain.runtime import process_state, use_bf16
 
 logger = logging.getLogger(__name__)
-
-
-def bf16_supported() -> bool:
-    """bf16 autocast pays off on GPUs with bf16 and on CPUs with AVX512-BF16 or AMX."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            flags = handle.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def process_state() -> PartialState:
-    """The process group (from torchrun / accelerate launch env vars); gloo on CPU-only machines."""
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
-def use_bf16(config: RunConfig) -> bool:
-    setting = str(config.train.bf16).lower()
-    return bf16_supported() if setting == "auto" else setting == "true"
-
-
-@dataclass
-class Plan:
-    """What a run will do, resolved and checked: printed by --dry-run, executed by run_experiment."""
-
-    config: RunConfig
-    tasks: list[Task]
-    method: ContinualMethod
-    train_units: list[Task] = field(default_factory=list)  # what is trained: the tasks, or one joint task
-    stream: Stream | None = None  # warnings and benchmark description for the report
-
-    @property
-    def joint(self) -> bool:
-        return self.method.joint_training
-
-
-def make_plan(config: RunConfig) -> Plan:
-    """Load and check everything the run needs except the model weights."""
-    method = create_method(config.method.name, config.method.params)
-    if config.model.finetuning_type == "full" and not method.supports_full_finetuning:
-        raise RetainError(
-            f"method '{method.name}' does not support full fine-tuning; use finetuning_type: lora"
-        )
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not method.supports_multiprocess:
-        raise RetainError(f"method '{method.name}' does not support more than one process yet")
-    stream = load_stream(config)
-    tasks = stream.tasks
-    units = tasks
-    if method.joint_training:
-        joint = [example for task in tasks for example in task.train]
-        units = [Task(name="multitask", train=joint, test=[], scorer="exact")]
-    return Plan(config=config, tasks=tasks, method=method, train_units=units, stream=stream)
-
-
-def check_encoding(plan: Plan, tokenizer) -> None:
-    """Encode every training set once so cutoff problems surface before anything is written."""
-    for task in plan.tasks:
-        encode_dataset(
-            tokenizer, task.train, plan.config.train.cutoff_len, source=f"task '{task.name}' (train)"
-        )
 
 
 def training_arguments(config: RunConfig, run_dir: RunDir, index: int, bf16: bool) -> TrainingArguments:
@@ -137,33 +72,29 @@ class Experiment:
     def __init__(self, plan: Plan, run_dir: RunDir) -> None:
         self.plan, self.config, self.run_dir = plan, plan.config, run_dir
         self.method = plan.method
-        self.state = process_state()
-        self.bf16 = use_bf16(self.config)
+        self.processes = process_state()
         model, tokenizer, info = load_model(self.config.model.name_or_path)
         set_seed(self.config.seed)
         self.model = apply_finetuning(model, self.config.model)
         self.tokenizer = tokenizer
         self.load_seconds = info.seconds
         self.model_cache_hit = info.cache_hit
-        cutoff = self.config.train.cutoff_len
-        self.ctx = MethodContext(
-            model=self.model,
-            tokenizer=tokenizer,
-            config=self.config,
-            tasks=plan.tasks,
+        self.ctx = MethodContext.create(
+            self.model,
+            tokenizer,
+            self.config,
+            plan.tasks,
             run_dir=run_dir.path,
-            rank=self.state.process_index,
-            world_size=self.state.num_processes,
-            encode=lambda examples: encode_dataset(tokenizer, examples, cutoff, source="method"),
-            collate=functools.partial(collate, pad_token_id=tokenizer.pad_token_id),
-            forward=response_forward,
+            rank=self.processes.process_index,
+            world_size=self.processes.num_processes,
+            bf16=use_bf16(self.config),
         )
         self.method.setup(self.ctx)
         self.loaded = 0  # which unit's end state the model and method hold (0: before training)
 
     @property
     def is_main(self) -> bool:
-        return self.state.is_main_process
+        return self.processes.is_main_process
 
     def unit_name(self, index: int) -> str:
         return "init" if index == 0 else self.plan.train_units[index - 1].name
@@ -183,7 +114,7 @@ class Experiment:
             self.run_dir.save_checkpoint(
                 index, self.unit_name(index), self.model, self.method.state_dict(), log
             )
-        self.state.wait_for_everyone()
+        self.processes.wait_for_everyone()
 
     def train_unit(self, index: int) -> tuple[float, list[dict]]:
         """Train unit `index` (1-based) with the method's hooks; returns seconds and the training log."""
@@ -197,7 +128,7 @@ class Experiment:
         )
         trainer = ContinualTrainer(
             model=self.model,
-            args=training_arguments(self.config, self.run_dir, index, self.bf16),
+            args=training_arguments(self.config, self.run_dir, index, self.ctx.bf16),
             train_dataset=FeatureDataset(features),
             data_collator=self.ctx.collate,
             method=self.method,
@@ -231,28 +162,26 @@ class Experiment:
                 files,
                 self.config.eval.max_new_tokens,
                 self.config.eval.batch_size,
-                bf16=self.bf16,
             )
-        self.state.wait_for_everyone()
+        self.processes.wait_for_everyone()
         return scores
 
-    def save_state(self, state: dict) -> None:
+    def save_state(self, state: RunState) -> None:
         if self.is_main:
             self.run_dir.save_state(state)
-        self.state.wait_for_everyone()
+        self.processes.wait_for_everyone()
 
 
-def _results(plan: Plan, state: dict) -> dict:
-    rows = [state["rows"].get(str(i)) for i in range(len(plan.train_units) + 1)]
-    timings = dict(state["timings"])
+def _results(plan: Plan, state: RunState) -> dict:
     config = plan.config
     extra = {
         "model": config.model.name_or_path,
         "finetuning_type": config.model.finetuning_type,
         "method_params": config.method.params,
+        "task_id_at_test": plan.method.needs_task_id_at_test,
         "seed": config.seed,
-        "num_processes": state.get("num_processes", 1),
-        "adapters": state.get("adapters", []),
+        "num_processes": state.num_processes,
+        "adapters": state.adapters,
         "train_sizes": {t.name: len(t.train) for t in plan.tasks},
         "test_sizes": {t.name: len(t.test) for t in plan.tasks},
         "eval_mode": {
@@ -266,7 +195,12 @@ def _results(plan: Plan, state: dict) -> dict:
     if plan.stream and plan.stream.benchmark:
         extra["benchmark"] = plan.stream.benchmark
     return build_results(
-        [t.name for t in plan.tasks], rows, plan.method.name, timings, extra=extra, joint=plan.joint
+        [t.name for t in plan.tasks],
+        state.matrix(len(plan.train_units) + 1),
+        plan.method.name,
+        dict(state.timings),
+        extra=extra,
+        joint=plan.joint,
     )
 
 
@@ -277,53 +211,53 @@ def run_experiment(config: RunConfig, *, train: bool = True, evaluate: bool = Tr
     check_encoding(plan, load_tokenizer(config.model.name_or_path))
     run_dir = RunDir(config.output_dir)
     run_dir.check_resumable(config)
-    partial = process_state()
-    with run_dir.lock(partial.process_index):
-        partial.wait_for_everyone()
+    processes = process_state()
+    with run_dir.lock(processes.process_index):
+        processes.wait_for_everyone()
         experiment = Experiment(plan, run_dir)
         state = run_dir.load_state() if run_dir.exists() else None
-        partial.wait_for_everyone()
+        processes.wait_for_everyone()
         if state is None:
-            state = {"tasks": [t.name for t in plan.tasks], "trained": -1, "rows": {}, "timings": {}}
+            state = RunState(tasks=[t.name for t in plan.tasks])
             if experiment.is_main:
-                state = run_dir.initialise(config, state["tasks"])
-            partial.wait_for_everyone()
-        state["num_processes"] = partial.num_processes
-        timings = state["timings"]
+                state = run_dir.initialise(config, state.tasks)
+            processes.wait_for_everyone()
+        state.num_processes = processes.num_processes
+        timings = state.timings
         timings["model_load_s"] = round(experiment.load_seconds, 3)
-        if state["trained"] < 0:
+        if state.trained < 0:
             experiment.checkpoint(0, [])
-            state["trained"] = 0
+            state.trained = 0
             experiment.save_state(state)
-        elif state["trained"] > 0:
-            logger.info("resuming %s after task %d", run_dir.path, state["trained"])
-        if evaluate and config.eval.before_training and "0" not in state["rows"]:
+        elif state.trained > 0:
+            logger.info("resuming %s after task %d", run_dir.path, state.trained)
+        if evaluate and config.eval.before_training and not state.has_row(0):
             start = time.perf_counter()
-            state["rows"]["0"] = experiment.evaluate(0)
+            state.set_row(0, experiment.evaluate(0))
             timings["eval_s/0"] = round(time.perf_counter() - start, 3)
             experiment.save_state(state)
-        units = plan.train_units if train else plan.train_units[: state["trained"]]
+        units = plan.train_units if train else plan.train_units[: state.trained]
         for index in range(1, len(units) + 1):
-            if index > state["trained"]:
+            if index > state.trained:
                 experiment.restore(index - 1)
                 seconds, log = experiment.train_unit(index)
                 timings[f"train_s/{index}"] = round(seconds, 3)
                 experiment.checkpoint(index, log)
-                state["trained"] = index
+                state.trained = index
                 experiment.save_state(state)
-            if evaluate and str(index) not in state["rows"]:
+            if evaluate and not state.has_row(index):
                 start = time.perf_counter()
-                state["rows"][str(index)] = experiment.evaluate(index)
+                state.set_row(index, experiment.evaluate(index))
                 timings[f"eval_s/{index}"] = round(time.perf_counter() - start, 3)
                 experiment.save_state(state)
         timings["last_session_s"] = round(time.perf_counter() - wall, 3)
         experiment.restore(len(units))
-        state["adapters"] = adapter_names(experiment.model)
+        state.adapters = adapter_names(experiment.model)
         experiment.save_state(state)
         if not evaluate:
             return None
         results = _results(plan, state)
         if experiment.is_main:
             write_report(run_dir.path, results)
-        partial.wait_for_everyone()
+        processes.wait_for_everyone()
         return results

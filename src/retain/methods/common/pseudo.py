@@ -23,7 +23,7 @@ import torch
 from retain.data.encode import encode_prompt
 from retain.data.formats import Example
 from retain.evaluation.generate import generate
-from retain.evaluation.report import write_text_atomic
+from retain.io import write_text_atomic
 from retain.methods.base import ContinualMethod, MethodContext
 from retain.models.adapters import unwrap
 
@@ -164,9 +164,7 @@ def sampling_seed(ctx: MethodContext, salt: str) -> int:
 
 def generation_precision(ctx: MethodContext) -> contextlib.AbstractContextManager:
     """bf16 autocast when the run trains and evaluates in bf16, as evaluation generates."""
-    from retain.training.loop import use_bf16  # late: the loop imports the method registry
-
-    if use_bf16(ctx.config):
+    if ctx.bf16:
         return torch.autocast(ctx.device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

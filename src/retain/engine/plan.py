@@ -1,0 +1,63 @@
+"""The plan of a run: the config resolved into a method, a stream of loaded tasks and what is trained.
+
+Everything that can fail on user input (config, data, scorers, method settings, cutoff) fails here,
+before the run directory is touched; `retain run --dry-run` prints the plan and stops.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from retain.config import RunConfig
+from retain.data.encode import encode_dataset
+from retain.data.streams import Stream, Task, load_stream
+from retain.errors import RetainError
+from retain.evaluation.scoring import get_scorer
+from retain.methods.base import ContinualMethod
+from retain.methods.registry import create_method, resolved_settings
+
+
+@dataclass
+class Plan:
+    """What a run will do, resolved and checked: printed by --dry-run, executed by run_experiment."""
+
+    config: RunConfig
+    tasks: list[Task]
+    method: ContinualMethod
+    train_units: list[Task] = field(default_factory=list)  # what is trained: the tasks, or one joint task
+    stream: Stream | None = None  # warnings and benchmark description for the report
+
+    @property
+    def joint(self) -> bool:
+        return self.method.joint_training
+
+
+def make_plan(config: RunConfig) -> Plan:
+    """Load and check everything the run needs except the model weights."""
+    method = create_method(config.method.name, config.method.params)
+    # What ran is what config.yaml and results.json record: every setting, defaults included.
+    config.method.params = resolved_settings(method)
+    if config.model.finetuning_type == "full" and not method.supports_full_finetuning:
+        raise RetainError(
+            f"method '{method.name}' does not support full fine-tuning; use finetuning_type: lora"
+        )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not method.supports_multiprocess:
+        raise RetainError(f"method '{method.name}' does not support more than one process yet")
+    stream = load_stream(config)
+    tasks = stream.tasks
+    for task in tasks:
+        get_scorer(task.scorer)  # an unknown scorer name fails here, before anything trains
+    units = tasks
+    if method.joint_training:
+        joint = [example for task in tasks for example in task.train]
+        units = [Task(name="multitask", train=joint, test=[], scorer="exact")]
+    return Plan(config=config, tasks=tasks, method=method, train_units=units, stream=stream)
+
+
+def check_encoding(plan: Plan, tokenizer) -> None:
+    """Encode every training set once so cutoff problems surface before anything is written."""
+    for task in plan.tasks:
+        encode_dataset(
+            tokenizer, task.train, plan.config.train.cutoff_len, source=f"task '{task.name}' (train)"
+        )
