@@ -8,7 +8,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from retain.models.tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
-SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+from .helpers import SHARED_DATA  # noqa: E402
 
 
 @pytest.fixture

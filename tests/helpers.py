@@ -1,12 +1,29 @@
-"""Shared builders for tests: tiny configs, a method context around a tiny LoRA model."""
+"""Shared builders for tests: tiny configs, a method context around a tiny LoRA model, the `retain`
+command, a crash-and-resume run, result comparison. Test files import from here, never from each other."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
 from retain.config import config_from_dict
 from retain.data.streams import build_stream
+from retain.engine import loop
+from retain.engine.loop import run_experiment
 from retain.methods.base import ContinualMethod, MethodContext
 from retain.models.adapters import apply_finetuning
 from retain.models.tiny import tiny_model, tiny_tokenizer
+
+# ../shared/data: real public data beside the repository (read in place, never copied into it).
+SHARED_DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data")
+
+RETAIN = [sys.executable, "-m", "retain.cli"]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
 def tiny_config(tmp_path, method: str = "sequential", params: dict | None = None, **sections) -> dict:
@@ -47,6 +64,49 @@ def tiny_context(tmp_path, method: str = "sequential", params: dict | None = Non
     tasks = build_stream(config)
     ctx = MethodContext.create(model, tokenizer, config, tasks, task_index=1)
     return ctx, tasks
+
+
+def write_config(tmp_path, name="config.yaml", **kwargs) -> str:
+    """tiny_config(tmp_path, **kwargs) written as YAML to tmp_path / name; returns its path."""
+    raw = tiny_config(tmp_path, **kwargs)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def retain(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    """Run the `retain` command in a subprocess."""
+    return subprocess.run([*RETAIN, *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=300)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def crash_then_resume(raw: dict, monkeypatch, crash: bool = True) -> dict:
+    """Run `raw` with a crash at the start of task 2, then run it again; returns the final results."""
+    real_train = loop.Experiment.train_unit
+
+    def crash_in_task_2(self, index):
+        if index == 2:
+            raise Crash("killed during task 2")
+        return real_train(self, index)
+
+    if crash:
+        monkeypatch.setattr(loop.Experiment, "train_unit", crash_in_task_2)
+        with pytest.raises(Crash):
+            run_experiment(config_from_dict(raw))
+        assert not os.path.exists(os.path.join(raw["output_dir"], "results.json"))
+        monkeypatch.setattr(loop.Experiment, "train_unit", real_train)
+    return run_experiment(config_from_dict(raw))
+
+
+def assert_same(got: dict, want: dict) -> None:
+    """Two results.json contents hold the same accuracy matrix and metrics."""
+    assert len(got["matrix"]) == len(want["matrix"])
+    for row, expected in zip(got["matrix"], want["matrix"], strict=True):
+        assert row == pytest.approx(expected, abs=1e-6)
+    assert got["metrics"] == pytest.approx(want["metrics"], abs=1e-6)
 
 
 def set_gradient(ctx, loss_fn) -> list:

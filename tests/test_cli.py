@@ -6,27 +6,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-import yaml
 
-from .helpers import tiny_config
-
-RETAIN = [sys.executable, "-m", "retain.cli"]
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-
-
-def write_config(tmp_path, name="config.yaml", **kwargs) -> str:
-    raw = tiny_config(tmp_path, **kwargs)
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(raw))
-    return str(path)
-
-
-def retain(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([*RETAIN, *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=300)
+from .helpers import ENV, RETAIN, assert_same, retain, write_config
 
 
 def snapshot(folder) -> dict[str, float]:
@@ -47,13 +31,6 @@ def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
     assert "Traceback" not in proc.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
-
-
-def assert_same_results(got: dict, expected: dict) -> None:
-    assert len(got["matrix"]) == len(expected["matrix"])
-    for row, want in zip(got["matrix"], expected["matrix"], strict=True):
-        assert row == pytest.approx(want, abs=1e-6)
-    assert got["metrics"] == pytest.approx(expected["metrics"], abs=1e-6)
 
 
 def predictions(run) -> dict[str, list[str]]:
@@ -143,7 +120,7 @@ def test_train_then_eval_fills_the_same_matrix_as_run(tmp_path):
     proc = retain("eval", str(other / "run"))
     assert proc.returncode == 0, proc.stderr
     got = json.loads((other / "run" / "results.json").read_text())
-    assert_same_results(got, expected)
+    assert_same(got, expected)
     assert predictions(other / "run") == predictions(tmp_path / "run")
 
 
@@ -259,7 +236,7 @@ def test_a_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
     resumed = retain("run", config)
     assert resumed.returncode == 0, resumed.stderr
     got = json.loads((run / "results.json").read_text())
-    assert_same_results(got, expected)
+    assert_same(got, expected)
     assert predictions(run) == predictions(tmp_path / "a" / "run")
 
 

@@ -64,7 +64,7 @@ def test_task_shorthand_and_defaults():
         ({**BASE, "train": {"learning_rat": 1}}, "did you mean: learning_rate"),
         ({**BASE, "train": {"learning_rate": "fast"}}, "must be a number"),
         ({**BASE, "train": {"per_device_train_batch_size": 0}}, "positive"),
-        ({**BASE, "model": {"finetuning_type": "qlora"}}, "'lora' or 'full'"),
+        ({**BASE, "model": {"finetuning_type": "qlora"}}, "must be one of lora, full"),
         ({"stream": {"tasks": []}}, "stream.tasks is empty"),
         ({"stream": {"tasks": ["synthetic:parity", "synthetic:parity"]}}, "used twice"),
     ],

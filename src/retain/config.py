@@ -14,7 +14,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -31,7 +31,7 @@ class ModelConfig:
             "help": "built-in name (smollm2-135m, tiny-random) or a local Hugging Face model directory"
         },
     )
-    finetuning_type: str = field(default="lora", metadata={"help": "lora or full"})
+    finetuning_type: Literal["lora", "full"] = field(default="lora", metadata={"help": "lora or full"})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank r"})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling alpha"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
@@ -105,7 +105,7 @@ class TrainConfig:
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    bf16: str = field(
+    bf16: Literal["auto", "true", "false"] = field(
         default="auto", metadata={"help": "auto (on where the CPU/GPU supports it), true, false"}
     )
     logging_steps: int = 10
@@ -118,7 +118,7 @@ class EvalConfig:
     before_training: bool = field(
         default=True, metadata={"help": "evaluate the untrained model (row 0, FWT)"}
     )
-    mode: str = field(
+    mode: Literal["generate", "rank"] = field(
         default="generate",
         metadata={
             "help": "generate: greedy answers, scored by the task's scorer; rank: for tasks with a label "
@@ -186,6 +186,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         origin = typing.get_origin(hint)
     if hint is Any:
         return value
+    if origin is typing.Literal:
+        return _choice(value, typing.get_args(hint), where)
     if dataclasses.is_dataclass(hint):
         return build_dataclass(hint, value, where)
     if origin is list:
@@ -221,6 +223,17 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return str(value).lower()
         return str(value)
     return value
+
+
+def _choice(value: Any, choices: tuple, where: str) -> Any:
+    """`value` if it is one of a Literal's `choices` (YAML's true/false count as "true"/"false")."""
+    candidate = str(value).lower() if isinstance(value, bool) else value
+    if candidate in choices:
+        return candidate
+    names = [str(c) for c in choices]
+    raise RetainError(
+        f"config: {where} must be one of {', '.join(names)}, got {value!r}{did_you_mean(str(value), names)}"
+    )
 
 
 def build_dataclass(cls: type, data: Any, where: str) -> Any:
@@ -363,10 +376,6 @@ def _positive(value: float | None, where: str, allow_none: bool = True) -> None:
 
 def validate(config: RunConfig) -> None:
     """Check the values that can be checked without loading data or models."""
-    if config.model.finetuning_type not in ("lora", "full"):
-        raise RetainError(
-            f"config: model.finetuning_type must be 'lora' or 'full', got '{config.model.finetuning_type}'"
-        )
     _positive(config.model.lora_rank, "model.lora_rank", allow_none=False)
     _positive(config.train.learning_rate, "train.learning_rate", allow_none=False)
     _positive(config.train.per_device_train_batch_size, "train.per_device_train_batch_size", False)
@@ -374,12 +383,8 @@ def validate(config: RunConfig) -> None:
     _positive(config.train.cutoff_len, "train.cutoff_len", allow_none=False)
     _positive(config.eval.max_new_tokens, "eval.max_new_tokens", allow_none=False)
     _positive(config.eval.batch_size, "eval.batch_size", allow_none=False)
-    if config.eval.mode not in ("generate", "rank"):
-        raise RetainError(f"config: eval.mode must be 'generate' or 'rank', got {config.eval.mode!r}")
     if config.train.max_steps <= 0:
         _positive(config.train.num_train_epochs, "train.num_train_epochs", allow_none=False)
-    if str(config.train.bf16).lower() not in ("auto", "true", "false"):
-        raise RetainError(f"config: train.bf16 must be auto, true or false, got {config.train.bf16!r}")
     _positive(config.stream.train_size, "stream.train_size")
     _positive(config.stream.test_size, "stream.test_size")
     if config.model.template not in ("auto", "default", ""):

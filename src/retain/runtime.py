@@ -33,5 +33,5 @@ def process_state() -> PartialState:
 
 def use_bf16(config: RunConfig) -> bool:
     """Whether training and evaluation run under bf16 autocast: `train.bf16` auto, true or false."""
-    setting = str(config.train.bf16).lower()
+    setting = config.train.bf16
     return bf16_supported() if setting == "auto" else setting == "true"

@@ -36,6 +36,7 @@ from retain.errors import RetainError
 from retain.methods.base import MethodContext
 from retain.methods.common.penalties import a_overlap_l1, lora_a_overlap_pairs, norm_of
 from retain.methods.common.routing import (
+    FeaturePool,
     RoutedMethod,
     check_feature_settings,
     prompt_features,
@@ -75,7 +76,7 @@ class ABSCLConfig:
     feature_layer: int = field(
         default=-2, metadata={"help": "hidden_states index the features come from (-2: second-to-last layer)"}
     )
-    feature_pool: str = field(
+    feature_pool: FeaturePool = field(
         default="last",
         metadata={
             "help": "pooling over prompt tokens: last (the last prompt token, as in the paper) or mean"
@@ -90,7 +91,7 @@ class ABSCLConfig:
             raise RetainError("config: abscl needs memory_size, replay_batch_size and stats_samples >= 0")
         if not 0.0 <= self.shrinkage <= 1.0:
             raise RetainError(f"config: abscl shrinkage must be in [0, 1], got {self.shrinkage}")
-        check_feature_settings("abscl", self.feature_pool, self.feature_batch_size)
+        check_feature_settings("abscl", self.feature_batch_size)
 
 
 def mahalanobis_domains(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:

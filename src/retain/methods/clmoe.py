@@ -31,7 +31,7 @@ at test; tasks not trained yet are answered by the instance-level router alone.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -45,8 +45,6 @@ from retain.methods.registry import register
 if TYPE_CHECKING:
     from retain.data.streams import Task
 
-MERGE_RULES = ("paper", "released")
-
 
 @dataclass
 class CLMoEConfig(MoELoRAConfig):
@@ -55,7 +53,7 @@ class CLMoEConfig(MoELoRAConfig):
     alpha: float = field(
         default=0.7, metadata={"help": "momentum of the merge (see merge_rule); released code: 0.7"}
     )
-    merge_rule: str = field(
+    merge_rule: Literal["paper", "released"] = field(
         default="paper",
         metadata={
             "help": "paper: experts new to task t take alpha of the new weights, the rest keep alpha of the "
@@ -85,10 +83,6 @@ class CLMoEConfig(MoELoRAConfig):
         super().__post_init__()
         if not 0.0 <= self.alpha <= 1.0 or not 0.0 <= self.beta <= 1.0:
             raise RetainError("config: clmoe needs method.alpha and method.beta in [0, 1]")
-        if self.merge_rule not in MERGE_RULES:
-            raise RetainError(
-                f"config: method.merge_rule must be one of {MERGE_RULES}, got '{self.merge_rule}'"
-            )
         for name in ("task_top_k", "token_top_k"):
             if not 1 <= getattr(self, name) <= self.num_experts:
                 raise RetainError(f"config: method.{name} must be in [1, num_experts]")

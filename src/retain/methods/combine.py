@@ -26,6 +26,7 @@ from retain.models.forward import StepOutputs
 if TYPE_CHECKING:
     from retain.data.streams import Task
 
+
 class Combined(ContinualMethod):
     """Several methods applied together; the first one is the main method."""
 

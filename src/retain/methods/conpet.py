@@ -26,6 +26,7 @@ from retain.errors import RetainError
 from retain.methods.base import MethodContext
 from retain.methods.common.routing import (
     ROUTE_SEPARATOR,
+    FeaturePool,
     RoutedMethod,
     check_feature_settings,
     prompt_features,
@@ -60,7 +61,7 @@ class ConPETConfig:
     feature_layer: int = field(
         default=-1, metadata={"help": "hidden_states index the features come from (-1: last layer)"}
     )
-    feature_pool: str = field(
+    feature_pool: FeaturePool = field(
         default="mean", metadata={"help": "pooling over prompt tokens: mean, or last (the last prompt token)"}
     )
     feature_batch_size: int = field(default=16, metadata={"help": "prompts per feature-extraction forward"})
@@ -76,7 +77,7 @@ class ConPETConfig:
             )
         if self.selector_weight_decay < 0:
             raise RetainError("config: conpet needs selector_weight_decay >= 0")
-        check_feature_settings("conpet", self.feature_pool, self.feature_batch_size)
+        check_feature_settings("conpet", self.feature_batch_size)
 
 
 class TaskSelector(nn.Module):

@@ -35,28 +35,25 @@ import json
 import logging
 import os
 import random
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 import torch
-from peft import PeftModel
 from torch import nn
 
 from retain.data.encode import encode_example
 from retain.data.formats import parse_alpaca
 from retain.errors import RetainError
 from retain.methods.base import ContinualMethod, MethodContext
+from retain.methods.common.activation_codes import margin_loss, pack_codes, threshold_codes, unpack_codes
 from retain.methods.registry import register
-from retain.models.adapters import unwrap
+from retain.models.adapters import base_model, unwrap
 from retain.models.forward import StepOutputs, hidden_states, response_forward_with_hidden
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SAMPLES = "general_samples.jsonl"  # in the retain.data package
-LOW, HIGH = 1, 2  # code bits: h0 <= neg, h0 >= pos (both when sigma = 0); 0: strictly inside the band
-_SHIFTS = (0, 2, 4, 6)
 
 
 @dataclass
@@ -158,71 +155,7 @@ def encode_general(tokenizer: Any, records: list[dict], cutoff_len: int, source:
     return features
 
 
-# --- 2-bit codes of the base model's states -------------------------------------------------------------
-
-
-def threshold_codes(hidden: torch.Tensor, neg: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """uint8 codes of [..., H] states: bit 0 set where hidden <= neg, bit 1 where hidden >= pos."""
-    return (hidden <= neg).to(torch.uint8) * LOW | (hidden >= pos).to(torch.uint8) * HIGH
-
-
-def pack_codes(codes: torch.Tensor) -> torch.Tensor:
-    """[T, H] 2-bit codes -> [T, ceil(H/4)] uint8, four codes per byte."""
-    pad = (-codes.shape[-1]) % 4
-    codes = torch.nn.functional.pad(codes, (0, pad)).reshape(*codes.shape[:-1], -1, 4)
-    packed = torch.zeros(codes.shape[:-1], dtype=torch.uint8, device=codes.device)
-    for i, shift in enumerate(_SHIFTS):
-        packed |= codes[..., i] << shift
-    return packed
-
-
-def unpack_codes(packed: torch.Tensor, hidden_size: int) -> torch.Tensor:
-    """Inverse of pack_codes: [..., ceil(H/4)] uint8 -> [..., H] codes."""
-    shifts = torch.tensor(_SHIFTS, dtype=torch.uint8, device=packed.device)
-    codes = (packed.unsqueeze(-1) >> shifts) & 3
-    return codes.reshape(*packed.shape[:-1], -1)[..., :hidden_size]
-
-
-def margin_loss(
-    hidden: torch.Tensor, codes: torch.Tensor, neg: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """The threshold-margin loss: the mean over violating entries of how far `hidden` crossed a threshold
-    on the wrong side of where the base model was (codes), over the tokens of `mask`."""
-    hidden = hidden.float()
-    low = (codes & LOW).bool()
-    high = (codes & HIGH).bool()
-    inside = codes == 0
-    above, below = torch.relu(hidden - pos), torch.relu(neg - hidden)
-    loss = (
-        low * torch.relu(hidden - neg) + high * torch.relu(pos - hidden) + inside * (above + below)
-    ) * mask.unsqueeze(-1)
-    return loss.sum() / ((loss != 0).sum() + 1e-8)
-
-
 # --- the method ------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def base_model(model: nn.Module):
-    """The model with its LoRA adapters disabled and in eval mode; trainability and mode restored after."""
-    inner = unwrap(model)
-    flags = {n: p.requires_grad for n, p in inner.named_parameters()}
-    was_training = inner.training
-    inner.eval()
-    try:
-        if isinstance(inner, PeftModel):
-            active = list(inner.active_adapters)
-            try:
-                with inner.disable_adapter():
-                    yield inner
-            finally:
-                inner.base_model.set_adapter(active)
-        else:
-            yield inner
-    finally:
-        for name, param in inner.named_parameters():
-            param.requires_grad_(flags[name])
-        inner.train(was_training)
 
 
 @register("gere", config=GeReConfig)

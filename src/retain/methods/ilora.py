@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +52,7 @@ class ILoRAConfig:
     replay_batch_size: int = field(
         default=0, metadata={"help": "buffer samples drawn per step (0: the training micro-batch size)"}
     )
-    eval_adapter: str = field(
+    eval_adapter: Literal["slow", "fast"] = field(
         default="slow", metadata={"help": "adapter evaluated: 'slow' (the EMA, as in the paper) or 'fast'"}
     )
     seed: int = field(
@@ -66,10 +66,6 @@ class ILoRAConfig:
         if self.consistency_weight < 0 or self.buffer_size <= 0 or self.replay_batch_size < 0:
             raise RetainError(
                 "config: ilora needs consistency_weight >= 0, buffer_size > 0 and replay_batch_size >= 0"
-            )
-        if self.eval_adapter not in ("slow", "fast"):
-            raise RetainError(
-                f"config: method.eval_adapter must be 'slow' or 'fast', got {self.eval_adapter!r}"
             )
 
 

@@ -81,11 +81,7 @@ class PseudoReplay(pseudo.DemoRehearsal):
             if parsed is not None:
                 example = pseudo.pseudo_example(*parsed, system, source, "pseudo_replay", ctx.task_index)
                 status = (
-                    "duplicate"
-                    if parsed in seen
-                    else "too_long"
-                    if not pseudo.fits(ctx, example)
-                    else "kept"
+                    "duplicate" if parsed in seen else "too_long" if not pseudo.fits(ctx, example) else "kept"
                 )
                 if status == "kept":
                     seen.add(parsed)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
@@ -173,3 +175,26 @@ def activate_adapters(model: nn.Module, active: list[str], trainable: list[str])
     for name in inner.peft_config:
         for param in adapter_state(model, name).values():
             param.requires_grad_(name in trainable)
+
+
+@contextmanager
+def base_model(model: nn.Module) -> Iterator[nn.Module]:
+    """The model with its LoRA adapters disabled and in eval mode; trainability and mode restored after."""
+    inner = unwrap(model)
+    flags = {n: p.requires_grad for n, p in inner.named_parameters()}
+    was_training = inner.training
+    inner.eval()
+    try:
+        if isinstance(inner, PeftModel):
+            active = list(inner.active_adapters)
+            try:
+                with inner.disable_adapter():
+                    yield inner
+            finally:
+                inner.base_model.set_adapter(active)
+        else:
+            yield inner
+    finally:
+        for name, param in inner.named_parameters():
+            param.requires_grad_(flags[name])
+        inner.train(was_training)

@@ -18,7 +18,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 import torch
@@ -152,7 +152,8 @@ class MiniLMEmbedder:
         return (self.encode(queries) @ self.encode(keys).T).astype(np.float64)
 
 
-SIMILARITIES = ("tfidf", "minilm")
+SimilarityName = Literal["tfidf", "minilm"]
+SIMILARITIES: tuple[str, ...] = get_args(SimilarityName)
 
 
 def build_similarity(name: str) -> Similarity:

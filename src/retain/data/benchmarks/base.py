@@ -98,3 +98,8 @@ def read_pairs(
     if not examples:
         raise RetainError(f"{path} holds no records")
     return examples
+
+
+def single_benchmark(benchmark: Benchmark) -> Callable[[str, str | None], Benchmark | None]:
+    """The `make_benchmark` of a layout that defines exactly one benchmark: `benchmark` for its own name."""
+    return lambda name, root: benchmark if name == benchmark.name else None

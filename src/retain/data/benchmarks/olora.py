@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from retain.data.benchmarks.base import Benchmark, BenchmarkTask, read_pairs
+from retain.data.benchmarks.base import Benchmark, BenchmarkTask, read_pairs, single_benchmark
 from retain.data.dataset_info import read_json
 from retain.data.formats import Example
 from retain.errors import RetainError
@@ -94,10 +94,9 @@ def locate(root: str) -> dict[str, BenchmarkTask]:
     return tasks
 
 
-def make_benchmark(name: str, root: str | None) -> Benchmark | None:
-    if name != "olora":
-        return None
-    return Benchmark(
+# The layout holds one benchmark, so it answers to that name only.
+make_benchmark = single_benchmark(
+    Benchmark(
         name="olora",
         layout="olora",
         description="O-LoRA CL_Benchmark: standard (order1-3, 4 tasks), long sequence (order4-6, 15 tasks)",
@@ -105,3 +104,4 @@ def make_benchmark(name: str, root: str | None) -> Benchmark | None:
         expected="<category>/<task>/{train,dev,test,labels}.json (O-LoRA's CL_Benchmark folder)",
         locate=locate,
     )
+)

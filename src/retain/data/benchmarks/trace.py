@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from retain.data.benchmarks.base import Benchmark, BenchmarkTask, read_pairs
+from retain.data.benchmarks.base import Benchmark, BenchmarkTask, read_pairs, single_benchmark
 from retain.data.formats import Example
 
 SCORERS = {
@@ -49,10 +49,9 @@ def locate(root: str) -> dict[str, BenchmarkTask]:
     return tasks
 
 
-def make_benchmark(name: str, root: str | None) -> Benchmark | None:
-    if name != "TRACE":
-        return None
-    return Benchmark(
+# The layout holds one benchmark, so it answers to that name only.
+make_benchmark = single_benchmark(
+    Benchmark(
         name="TRACE",
         layout="trace",
         description="TRACE: 8 tasks (stance, finance, summarization, code, science QA, math, simplification)",
@@ -60,3 +59,4 @@ def make_benchmark(name: str, root: str | None) -> Benchmark | None:
         expected="<task>/{train,eval,test}.json (e.g. TRACE's LLM-CL-Benchmark_5000 folder)",
         locate=locate,
     )
+)

@@ -17,7 +17,7 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
@@ -35,14 +35,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-POOLS = ("mean", "last")
+FeaturePool = Literal["mean", "last"]  # prompt feature: mean over tokens or the last token
 ROUTE_SEPARATOR = "+"
 
 
-def check_feature_settings(method: str, pool: str, batch_size: int) -> None:
-    """Validate the feature settings shared by the routing methods' configs."""
-    if pool not in POOLS:
-        raise RetainError(f"config: {method} feature_pool must be one of {', '.join(POOLS)}, got '{pool}'")
+def check_feature_settings(method: str, batch_size: int) -> None:
+    """Validate the feature settings shared by the routing methods' configs (the pool is a Literal)."""
     if batch_size < 1:
         raise RetainError(f"config: {method} feature_batch_size must be >= 1, got {batch_size}")
 

@@ -15,7 +15,7 @@ from retain.engine.loop import run_experiment
 from retain.methods.common.episodic import flat_grad, memory_gradient
 from retain.methods.gem import GEM, GEMConfig, project_to_cone, solve_box_qp
 
-from .helpers import set_gradient, tiny_config, tiny_context
+from ..helpers import set_gradient, tiny_config, tiny_context
 
 
 def _brute_force_box_qp(P: torch.Tensor, q: torch.Tensor, lower: float) -> torch.Tensor:

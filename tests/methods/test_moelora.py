@@ -11,7 +11,7 @@ from retain.methods.common.moe import MoELoRAConfig
 from retain.methods.moelora import MoELoRA
 from retain.models.adapters import trainable_parameters
 
-from .helpers import tiny_context
+from ..helpers import tiny_context
 
 
 def _setup(tmp_path, **params):

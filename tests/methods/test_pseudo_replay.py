@@ -9,7 +9,7 @@ from retain.data.streams import Task
 from retain.methods.common import pseudo
 from retain.methods.pseudo_replay import PseudoReplay, PseudoReplayConfig
 
-from .helpers import tiny_context
+from ..helpers import tiny_context
 
 
 def test_demo_prompt_shows_the_demos_in_a_seeded_order_and_opens_a_new_input(tokenizer):

@@ -15,7 +15,7 @@ from retain.methods.common import pseudo
 from retain.methods.lamol import LAMOL, LAMOLConfig, gen_marker, generation_example, parse_generation
 from retain.models.adapters import trainable_parameters
 
-from .helpers import tiny_config, tiny_context
+from ..helpers import tiny_config, tiny_context
 
 GOOD = "Is 42 even or odd? Answer with even or odd.\n__ans__\neven"
 BAD = "Is 7 even or odd? no separator here"

@@ -14,20 +14,12 @@ from retain.data.batching import FeatureDataset
 from retain.engine.loop import run_experiment
 from retain.engine.trainer import ContinualTrainer
 from retain.errors import RetainError
-from retain.methods.gere import (
-    GeRe,
-    GeReConfig,
-    encode_general,
-    margin_loss,
-    pack_codes,
-    read_general_samples,
-    threshold_codes,
-    unpack_codes,
-)
+from retain.methods.common.activation_codes import margin_loss, pack_codes, threshold_codes, unpack_codes
+from retain.methods.gere import GeRe, GeReConfig, encode_general, read_general_samples
 from retain.methods.registry import create_method
 from retain.models.adapters import trainable_parameters
 
-from .helpers import tiny_config, tiny_context
+from ..helpers import tiny_config, tiny_context
 
 
 def test_margin_loss_is_zero_at_the_base_states_and_measures_crossings():

@@ -17,7 +17,7 @@ from retain.evaluation.scoring import accuracy, sari
 from retain.methods.base import ContinualMethod
 from retain.models.tiny import tiny_model, tiny_tokenizer
 
-from .helpers import AlternatingRoutes, tiny_context
+from ..helpers import AlternatingRoutes, tiny_context
 
 # Different token lengths, so batches mix answers of 2 to 6 tokens (with the end-of-turn token).
 LABELS = ["even", "odd", "neither of them", "x"]

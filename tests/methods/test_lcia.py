@@ -13,21 +13,13 @@ from retain.data.formats import Example
 from retain.data.streams import Task
 from retain.engine.loop import run_experiment
 from retain.errors import RetainError
-from retain.methods.lcia import (
-    CODEBOOK_FILE,
-    LCIA,
-    DynamicEMA,
-    LCIAConfig,
-    assign_group,
-    extract_template,
-    group_scores,
-    route_instance,
-)
+from retain.methods.common.ema import DynamicEMA
+from retain.methods.common.grouping import assign_group, extract_template, group_scores, route_instance
+from retain.methods.lcia import CODEBOOK_FILE, LCIA, LCIAConfig
 from retain.models.adapters import adapter_state, peft_model, snapshot_trainable, trainable_parameters
 from retain.models.embedder import minilm_available
 
-from .helpers import tiny_config, tiny_context
-from .test_loop import assert_same, crash_then_resume
+from ..helpers import assert_same, crash_then_resume, tiny_config, tiny_context
 
 
 def _step(ema: DynamicEMA, param: torch.nn.Parameter, grad: list[float], new: list[float]) -> None:

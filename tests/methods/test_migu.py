@@ -13,7 +13,7 @@ from retain.methods.registry import create_method
 from retain.models.adapters import apply_finetuning, trainable_parameters
 from retain.models.tiny import tiny_model, tiny_tokenizer
 
-from .helpers import tiny_config, tiny_context, train_one_task
+from ..helpers import tiny_config, tiny_context, train_one_task
 
 
 def full_context(tmp_path):

@@ -15,7 +15,7 @@ from retain.methods import ssr
 from retain.methods.common import pseudo
 from retain.methods.ssr import SSR, SSRConfig, kmeans_select
 
-from .helpers import tiny_config, tiny_context
+from ..helpers import tiny_config, tiny_context
 
 
 def blobs(sizes, dim=4, seed=0):

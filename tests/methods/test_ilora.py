@@ -12,7 +12,7 @@ from retain.engine.loop import run_experiment
 from retain.methods.ilora import ILoRA, ILoRAConfig, consistency_loss
 from retain.models.adapters import adapter_state, peft_model, trainable_parameters
 
-from .helpers import tiny_config, tiny_context
+from ..helpers import tiny_config, tiny_context
 
 
 def _step(ctx, method, optimizer, batch):

@@ -13,7 +13,7 @@ from retain.engine.loop import run_experiment
 from retain.methods.agem import AGEM, AGEMConfig, agem_project
 from retain.methods.common.episodic import flat_grad, memory_gradient
 
-from .helpers import set_gradient, tiny_config, tiny_context
+from ..helpers import set_gradient, tiny_config, tiny_context
 
 
 def test_the_projection_is_the_closed_form_and_removes_the_conflict():

@@ -15,7 +15,7 @@ from retain.methods.olora import OLoRA, OLoRAConfig
 from retain.methods.registry import register
 from retain.models.adapters import adapter_state, peft_model, trainable_parameters
 
-from .helpers import tiny_config, tiny_context
+from ..helpers import tiny_config, tiny_context
 
 
 def test_orthogonality_term_shrinks_while_training_task2_and_only_the_new_adapter_learns(tmp_path):

@@ -14,7 +14,7 @@ from retain.methods.common.routing import prompt_features
 from retain.methods.conpet import ConPET, ConPETConfig, TaskSelector, train_selector
 from retain.models.adapters import adapter_state, peft_model
 
-from .helpers import tiny_config, tiny_context
+from ..helpers import tiny_config, tiny_context
 
 
 def test_selector_learns_the_task_of_tiny_model_prompt_features(tmp_path):

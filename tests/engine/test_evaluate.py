@@ -7,7 +7,7 @@ import json
 from retain.engine.evaluate import evaluate_row
 from retain.methods.base import ContinualMethod
 
-from .helpers import AlternatingRoutes, tiny_context
+from ..helpers import AlternatingRoutes, tiny_context
 
 
 def test_rows_write_predictions_and_routes(tmp_path):

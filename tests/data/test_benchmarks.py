@@ -12,9 +12,9 @@ from retain.data.benchmarks import easycl, find_benchmark, olora, select_tasks
 from retain.data.streams import load_stream
 from retain.errors import RetainError
 
-SHARED = os.path.join(
-    os.path.dirname(__file__), "..", "..", "shared", "data", "easycl_benchmarks", "benchmark"
-)
+from ..helpers import SHARED_DATA, retain, write_config
+
+SHARED = os.path.join(SHARED_DATA, "easycl_benchmarks", "benchmark")
 needs_shared = pytest.mark.skipif(
     not os.path.isdir(SHARED), reason="../shared/data/easycl_benchmarks is not beside the repository"
 )
@@ -221,8 +221,6 @@ def test_shared_lnt_order2_misses_multirc_test_file():
 
 def test_benchmark_run_end_to_end_reports_benchmark_checks_and_compares(tmp_path):
     """`retain run` on a fixture benchmark, then `retain compare` over two runs built from results.json."""
-    from .test_cli import retain, write_config
-
     root = easycl_fixture(tmp_path / "data")
     config = write_config(tmp_path, stream={"train_size": 8, "test_size": 4, "tasks": []})
     dry = retain("run", config, "benchmark=MINI", f"benchmark_dir={root}", "max_tasks=2", "--dry-run")
@@ -261,8 +259,6 @@ def test_benchmark_run_end_to_end_reports_benchmark_checks_and_compares(tmp_path
 
 
 def test_benchmarks_command_lists_definitions_and_present_files(tmp_path):
-    from .test_cli import retain
-
     root = easycl_fixture(tmp_path, missing_test="beta")
     listed = retain("benchmarks", "MINI", "--dir", root)
     assert listed.returncode == 0, listed.stderr

@@ -19,7 +19,7 @@ from retain.methods.registry import available, create_method, register
 from retain.methods.replay import Replay, ReplayConfig
 from retain.models.adapters import snapshot_trainable, trainable_parameters
 
-from .helpers import tiny_config, tiny_context, train_one_task
+from ..helpers import tiny_config, tiny_context, train_one_task
 
 
 def _adapter(run_dir, index, name):

@@ -15,8 +15,7 @@ import torch.multiprocessing as mp
 
 from retain.methods.ewc import diagonal_fisher
 
-from .helpers import tiny_context
-from .test_cli import write_config
+from ..helpers import tiny_context, write_config
 
 pytestmark = pytest.mark.distributed
 

@@ -14,7 +14,7 @@ from retain.methods.combine import Combined
 from retain.methods.registry import create_method
 from retain.models.adapters import trainable_parameters
 
-from .helpers import tiny_config, tiny_context
+from ..helpers import tiny_config, tiny_context
 
 
 def test_replay_plus_ewc_mixes_memory_and_adds_the_penalty(tmp_path):

@@ -7,7 +7,7 @@ import torch
 
 from retain.methods.clmoe import CLMoE, CLMoEConfig, momentum_merge, momentum_weights, task_gates
 
-from .helpers import tiny_context
+from ..helpers import tiny_context
 
 
 def _setup(tmp_path, **params):

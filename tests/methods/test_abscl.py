@@ -13,7 +13,7 @@ from retain.engine.loop import run_experiment
 from retain.methods.abscl import ABSCL, ABSCLConfig, mahalanobis_domains
 from retain.models.adapters import adapter_state, peft_model
 
-from .helpers import tiny_config, tiny_context
+from ..helpers import tiny_config, tiny_context
 
 
 def test_domain_statistics_select_the_training_domain_of_unseen_instances(tmp_path):
