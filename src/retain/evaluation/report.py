@@ -16,7 +16,9 @@
 - `timings` (dict): wall-clock seconds, e.g. `{"train": [..per task..], "eval": [...], "total": s}`;
   free-form, written as given.
 - any keys of `extra` (e.g. `config`, `versions`, `seed`), at the top level, written as given. A run
-  writes `eval_mode` (task -> "generate" | "rank"), `data_checks` ({"warnings": [str], "findings":
+  writes `method_params` (every setting of the method as it ran, defaults included; a combination
+  lists its further components under `plus`), `task_id_at_test` (bool: the method was told each test
+  prompt's task), `eval_mode` (task -> "generate" | "rank"), `data_checks` ({"warnings": [str], "findings":
   [{"task", "check", "count", "message"}]}) and, for a benchmark run, `benchmark` ({"name", "layout",
   "order", "dir", "tasks"}).
 """
