@@ -9,12 +9,19 @@ import torch
 from safetensors.torch import load_file
 
 from retain.config import config_from_dict
-from retain.data.formats import Example
+from retain.data.formats import Example, parse_alpaca
 from retain.data.streams import Task
 from retain.engine.loop import run_experiment
 from retain.errors import RetainError
 from retain.methods.common.ema import DynamicEMA
-from retain.methods.common.grouping import assign_group, extract_template, group_scores, route_instance
+from retain.methods.common.grouping import (
+    assign_group,
+    extract_template,
+    group_scores,
+    learn_instruction,
+    route_instance,
+    task_templates,
+)
 from retain.methods.lcia import CODEBOOK_FILE, LCIA, LCIAConfig
 from retain.models.adapters import adapter_state, peft_model, snapshot_trainable, trainable_parameters
 from retain.models.embedder import minilm_available
@@ -201,7 +208,9 @@ def test_without_grouping_every_later_task_retrains_the_one_adapter_with_dema(tm
 
 
 def test_routing_decisions_are_pure_functions_of_the_scores():
-    assert group_scores(torch.tensor([[1.0, 0.5]]).numpy()) == pytest.approx(0.75)
+    two_templates = torch.tensor([[1.0, 0.6], [0.6, 1.0]]).numpy()  # a task with two templates vs itself
+    assert group_scores(two_templates) == pytest.approx(1.0)  # best_match
+    assert group_scores(two_templates, "mean") == pytest.approx(0.8)  # the reference's pairwise mean
     assert group_scores(torch.tensor([[1.0, 0.5]]).numpy(), "max") == pytest.approx(1.0)
     assert assign_group([0.2, 0.95, 0.91], 0.9) == 1
     assert assign_group([0.2, 0.5], 0.9) is None and assign_group([], 0.9) is None
@@ -260,3 +269,98 @@ def test_codebook_is_written_and_a_dema_run_resumes_exactly(tmp_path, monkeypatc
     assert record["route"] == "default"
     log = json.loads((task_dir / "train_log.json").read_text())[-1]["after_task"]
     assert log["lcia/adapters"] == 1.0 and "lcia/dema_alpha_mean" in log
+
+
+# --- grouping on real-style instruction data (EasyCL's LNT: instruction + input, instance text in both) ---
+
+SENTIMENT = "What is the sentiment of the following paragraph? Choose one from the option.\nOption: Good, Bad"
+TOPIC = (
+    "What is the topic of the following paragraph? Choose one from the option.\n"
+    "Option: World, Sports, Business, Science or Technology"
+)
+
+
+def _alpaca_task(name: str, records: list[tuple[str, str]]) -> Task:
+    examples = [
+        parse_alpaca({"instruction": i, "input": x, "output": "Good"}, {}, name, k)
+        for k, (i, x) in enumerate(records)
+    ]
+    return Task(name=name, train=examples[:-2], test=examples[-2:], scorer="exact")
+
+
+COPA = _alpaca_task(
+    "copa",
+    [
+        (f'Which sentence is the {kind} of "{premise}"? Choose one between A and B.', f"A: {a}\nB: {b}")
+        for kind, premise, a, b in [
+            ("cause", "The host cancelled the party.", "She had the flu.", "She feared the flu."),
+            ("effect", "The woman betrayed her friend.", "A card came.", "Contact was cut."),
+            ("cause", "The man lost the race.", "He tripped.", "He won."),
+            ("effect", "The glass fell.", "It broke.", "It sang."),
+            ("cause", "The road was wet.", "It rained.", "It was sunny."),
+            ("effect", "The baby cried.", "The mother woke.", "The dog flew."),
+        ]
+    ],
+)
+SST = _alpaca_task(
+    "sst2", [(SENTIMENT, f"Text: {t}") for t in ("a dour tone .", "delightful", "so bad", "fine", "bleak")]
+)
+NEWS = _alpaca_task(
+    "agnews", [(TOPIC, f"Title: {t}\nText: {t} today.") for t in ("Chips", "Cup", "Oil", "Vote", "Mars")]
+)
+IMDB = _alpaca_task(
+    "imdb", [(SENTIMENT, r) for r in ("I loved it.", "Boring plot.", "Great cast!", "Meh.", "Fun.")]
+)
+
+
+def _train_stream(ctx, method: LCIA, tasks: list[Task]) -> None:
+    for task in tasks:
+        method.before_task(ctx, task)
+        method.after_task(ctx, task, task.train)
+
+
+def test_instruction_templates_keep_what_the_task_shares_and_drop_the_instance():
+    patterns = learn_instruction(COPA.train)
+    assert sorted(patterns.lines) == [
+        "Which sentence is the cause of {}? Choose one between A and B.",
+        "Which sentence is the effect of {}? Choose one between A and B.",
+    ]
+    templates, _ = task_templates(SST.train, "instruction", 16)
+    assert templates == [SENTIMENT]  # "Text: ..." is instance text
+    # One-line prompts that embed the instance: the words every prompt starts and ends with.
+    inline = [
+        Example([{"role": "user", "content": f"Classify: {t} Answer briefly."}]) for t in ("ok go", "no way")
+    ]
+    learned = learn_instruction(inline)
+    assert learned.lines == [] and learned.affixes == [["Classify:", "Answer briefly."]]
+    assert learned.template(inline[0]) == "Classify: {} Answer briefly."
+
+
+def test_tasks_group_by_their_instruction_and_test_instances_route_to_their_task_group(tmp_path):
+    ctx, _ = tiny_context(tmp_path, "lcia")
+    method = LCIA()
+    _train_stream(ctx, method, [COPA, SST, NEWS, IMDB])
+    assert [g["tasks"] for g in method.groups] == [["copa"], ["sst2", "imdb"], ["agnews"]]
+    assert [r["dema"] for r in method.history] == [False, False, False, True]  # imdb retrains sst2's group
+    assert method.history[3]["scores"][1] == pytest.approx(1.0)
+    assert max(method.history[1]["scores"] + method.history[2]["scores"]) < 0.9
+    want = {"copa": "default", "sst2": "group2", "imdb": "group2", "agnews": "group3"}
+    for task in (COPA, SST, NEWS, IMDB):
+        assert method.eval_routes(ctx, task) == [want[task.name]] * len(task.test)
+
+
+def test_the_reference_rule_on_whole_prompts_groups_nothing_on_such_data(tmp_path):
+    """Why `template: instruction` is the default: with the instance text in the template (masked) and
+    the pairwise mean, every task opens its own group and two same-instruction tasks never meet."""
+    ctx, _ = tiny_context(tmp_path, "lcia")
+    method = LCIA(LCIAConfig(template="masked", aggregate="mean"))
+    _train_stream(ctx, method, [COPA, SST, NEWS, IMDB])
+    assert [g["tasks"] for g in method.groups] == [["copa"], ["sst2"], ["agnews"], ["imdb"]]
+
+
+def test_a_task_whose_prompts_share_nothing_is_reported(tmp_path, caplog):
+    ctx, _ = tiny_context(tmp_path, "lcia")
+    loose = _task("loose", ["Translate chat.", "Sum these up", "Why is the sky blue"])
+    with caplog.at_level("WARNING", logger="retain"):
+        LCIA().before_task(ctx, loose)
+    assert "share no instruction" in caplog.text

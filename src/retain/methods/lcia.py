@@ -12,10 +12,17 @@ scale-invariant in g, reads the same gradient as in the reference. The raw pre-E
 discarded unless `keep_raw: true`.
 
 Instruction grouping (reference `instruct/LoRASelect.py`): each task's instruction templates are compared
-with every group's codebook by the mean pairwise TF-IDF cosine. At or above the threshold the task retrains
-that group's LoRA with DEMA; below it a new group opens with a new LoRA that starts from the latest trained
-adapter. At test time each instance goes to its most similar group, or to the newest group below the
-threshold (evaluation answers each route's instances together: eval_routes / activate_route).
+with every group's codebook by TF-IDF cosine. At or above the threshold the task retrains that group's
+LoRA with DEMA; below it a new group opens with a new LoRA that starts from the latest trained adapter.
+At test time each instance goes to its most similar group, or to the newest group below the threshold
+(evaluation answers each route's instances together: eval_routes / activate_route).
+
+Two deviations, both because CoIN's prompts are a fixed instruction while real instruction data mixes
+instruction and instance (methods/common/grouping.py): by default a task's templates are what its prompts
+share (`template: instruction`), not whole prompts, and a group's score is the mean of each template's
+best codebook match (`aggregate: best_match`) rather than the mean over all pairs, which scores a task
+with two templates well below 1 against its own group. `template: masked, aggregate: mean` is the
+reference's rule.
 """
 
 from __future__ import annotations
@@ -37,9 +44,12 @@ from retain.methods.common.ema import DynamicEMA
 from retain.methods.common.grouping import (
     Aggregate,
     TemplateMode,
+    add_task,
     assign_group,
-    extract_template,
+    copy_group,
     group_scores,
+    new_group_entry,
+    prompt_templates,
     route_instance,
     task_templates,
 )
@@ -97,13 +107,17 @@ class LCIAConfig:
         default=0.9, metadata={"help": "similarity at or above which a task reuses a group (reference: 0.9)"}
     )
     aggregate: Aggregate = field(
-        default="mean",
-        metadata={"help": "group score over (template, codebook entry) pairs: mean (reference) or max"},
+        default="best_match",
+        metadata={
+            "help": "group score from the (template, codebook entry) similarities: best_match (mean of each "
+            "template's best entry), mean (of every pair, the reference) or max"
+        },
     )
     template: TemplateMode = field(
-        default="masked",
+        default="instruction",
         metadata={
-            "help": "template of a prompt: masked (first user turn, numbers and quoted spans -> {}), "
+            "help": "template of a prompt: instruction (the lines or affixes the task's prompts share; the "
+            "instance text dropped), masked (the first user turn, numbers and quoted spans -> {}), "
             "first_line, last_line (reference VQA rule) or full"
         },
     )
@@ -143,7 +157,9 @@ class LCIA(RoutedMethod):
 
     def __init__(self, config: LCIAConfig | None = None) -> None:
         super().__init__(config or LCIAConfig())
-        self.groups: list[dict[str, Any]] = []  # {"adapter", "templates", "tasks"}, in creation order
+        # {"adapter", "templates", "tasks", "patterns"}, in creation order; patterns: what the group's
+        # tasks' prompts share (InstructionPatterns.to_dict()), used to template test instances
+        self.groups: list[dict[str, Any]] = []
         self.history: list[dict[str, Any]] = []  # one record per trained task
         self.latest: str | None = None  # adapter trained last
         self.raw: dict[str, dict[str, torch.Tensor]] = {}  # adapter -> pre-EMA weights (keep_raw only)
@@ -167,7 +183,7 @@ class LCIA(RoutedMethod):
 
     def before_task(self, ctx: MethodContext, task: Task) -> None:
         cfg = self.config
-        templates = task_templates(task.train, cfg.template, cfg.max_templates)
+        templates, patterns = task_templates(task.train, cfg.template, cfg.max_templates, task.name)
         scores: list[float] = []
         if not self.groups:
             index = None
@@ -181,11 +197,10 @@ class LCIA(RoutedMethod):
             name = FIRST_ADAPTER if not self.groups else f"group{len(self.groups) + 1}"
             if self.groups:
                 add_adapter(ctx.model, name, init_from=self.latest)
-            self.groups.append({"adapter": name, "templates": [], "tasks": []})
+            self.groups.append(new_group_entry(name))
             index = len(self.groups) - 1
         group = self.groups[index]
-        group["templates"] += [t for t in templates if t not in group["templates"]]
-        group["tasks"].append(task.name)
+        add_task(group, task.name, templates, patterns)
         activate_adapters(ctx.model, [group["adapter"]], [group["adapter"]])
         use_dema = cfg.dema and (not new_group or cfg.dema_on_new_group)
         self.ema = DynamicEMA(cfg.dema_c, cfg.fallback_alpha) if use_dema else None
@@ -242,12 +257,11 @@ class LCIA(RoutedMethod):
 
     def codebook(self) -> dict[str, Any]:
         """The groups, their templates and each task's decision, as written to lcia_codebook.json."""
-        cfg = self.config
+        settings = {
+            key: getattr(self.config, key) for key in ("similarity", "threshold", "aggregate", "template")
+        }
         return {
-            "similarity": cfg.similarity,
-            "threshold": cfg.threshold,
-            "aggregate": cfg.aggregate,
-            "template": cfg.template,
+            **settings,
             "num_adapters": len(self.groups),
             "groups": self.groups,
             "tasks": self.history,
@@ -261,7 +275,7 @@ class LCIA(RoutedMethod):
         """The adapter of each test instance: its most similar group, or the newest below the threshold."""
         if not self.groups:
             return [FIRST_ADAPTER] * len(task.test)
-        templates = [extract_template(e, self.config.template) for e in task.test]
+        templates = prompt_templates(task.test, self.config.template, self.groups)
         if not self.config.grouping or len(self.groups) == 1:
             return [self.groups[-1]["adapter"]] * len(templates)
         chosen = {
@@ -276,10 +290,7 @@ class LCIA(RoutedMethod):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.groups = [
-            {"adapter": g["adapter"], "templates": list(g["templates"]), "tasks": list(g["tasks"])}
-            for g in state.get("groups", [])
-        ]
+        self.groups = [copy_group(g) for g in state.get("groups", [])]
         self.history = [dict(r) for r in state.get("history", [])]
         self.latest = state.get("latest")
         self.raw = {k: dict(v) for k, v in state.get("raw", {}).items()}
