@@ -8,7 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from retain.config import config_from_dict
+from retain.data.formats import Example
 from retain.engine.loop import run_experiment
+from retain.methods.common import pseudo
 from retain.methods.ilora import ILoRA, ILoRAConfig, consistency_loss
 from retain.models.adapters import adapter_state, peft_model, trainable_parameters
 
@@ -149,3 +151,17 @@ def test_a_run_updates_and_checkpoints_the_slow_adapter(tmp_path):
     assert differ(slow1, fast1)
     state = torch.load(os.path.join(tasks, "1-parity", "method_state.pt"))
     assert len(state["memory"]["parity"]) == 32  # the buffer holds task 1 (its 32 examples < 500)
+
+
+def test_the_buffer_files_only_the_tasks_own_examples_not_rehearsed_ones(tmp_path):
+    # Combined with replay (`plus`) or a pseudo-sample method, the training data of task 2 holds earlier
+    # tasks' examples; they must not enter task 2's share of the buffer (as replay.py leaves them out).
+    ctx, tasks = tiny_context(tmp_path, "ilora")
+    method = ILoRA(ILoRAConfig(buffer_size=500))
+    method.after_task(ctx, tasks[0], tasks[0].train)
+    replayed = [Example(e.messages, e.system, {**e.meta, "replayed_from": "parity"}) for e in tasks[0].train]
+    made = [pseudo.pseudo_example("Is 7 even or odd?", "odd", None, "parity", "pseudo_replay", 2)]
+    ctx.task_index = 2
+    method.after_task(ctx, tasks[1], tasks[1].train + replayed + made)
+    assert method.memory["capital_letters"] == tasks[1].train
+    assert method.memory["parity"] == tasks[0].train

@@ -52,7 +52,7 @@ def test_resolved_settings_hold_every_field_and_rebuild_the_same_method(name):
 
 
 def test_literal_settings_are_checked_when_the_config_is_read():
-    with pytest.raises(RetainError, match="method.template must be one of masked, first_line"):
+    with pytest.raises(RetainError, match="method.template must be one of instruction, masked, first_line"):
         create_method("lcia", {"template": "mask"})
     with pytest.raises(RetainError, match="model.finetuning_type must be one of lora, full"):
         config_from_dict({"stream": {"tasks": ["synthetic:parity"]}, "model": {"finetuning_type": "qlora"}})

@@ -5,11 +5,17 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
+from peft.tuners.lora import LoraLayer
+
+from retain.config import config_from_dict
 from retain.data.streams import Task
+from retain.engine.plan import make_plan
+from retain.errors import RetainError
 from retain.methods.common import pseudo
 from retain.methods.pseudo_replay import PseudoReplay, PseudoReplayConfig
 
-from ..helpers import tiny_context
+from ..helpers import tiny_config, tiny_context
 
 
 def test_demo_prompt_shows_the_demos_in_a_seeded_order_and_opens_a_new_input(tokenizer):
@@ -33,14 +39,25 @@ def test_parse_demo_completion():
     assert pseudo.parse_demo_completion("a\nOutput:", need_output=False) == ("a", "")
 
 
+def adapters_disabled(model) -> bool:
+    return any(m.disable_adapters for m in model.modules() if isinstance(m, LoraLayer))
+
+
 class FakeGenerate:
-    """Records the decoded prompts; answers with numbered parity examples, every third one unparsable."""
+    """Records the decoded prompts and whether the LoRA adapters were disabled; answers with numbered
+    parity examples, every third one unparsable."""
 
     def __init__(self):
         self.calls = []
 
     def __call__(self, model, tokenizer, prompts, **options):
-        self.calls.append({"prompts": [tokenizer.decode(p) for p in prompts], **options})
+        self.calls.append(
+            {
+                "prompts": [tokenizer.decode(p) for p in prompts],
+                "disabled": adapters_disabled(model),
+                **options,
+            }
+        )
         return [
             "garbage" if i % 3 == 2 else f"Is {100 + i // 2} even or odd?\nOutput: odd"
             for i in range(len(prompts))
@@ -112,3 +129,35 @@ def test_pseudo_rehearsal_warns_when_no_generation_is_kept(caplog):
     with caplog.at_level("WARNING", logger="retain"):
         pseudo.log_kept(ctx, "pseudo_replay", "parity", 0, 64)
     assert "none of 64 generations for task parity" in caplog.text
+
+
+@pytest.mark.parametrize("generator", ["base", "current"])
+def test_generator_is_the_base_model_by_default_or_the_current_one(tmp_path, monkeypatch, generator):
+    fake = FakeGenerate()
+    monkeypatch.setattr(pseudo, "generate", fake)
+    ctx, tasks = tiny_context(tmp_path, "pseudo_replay")
+    params = {"num_shots": 2, "memory_per_task": 3}
+    if generator == "current":
+        params["generator"] = "current"
+    method = PseudoReplay(PseudoReplayConfig(**params))
+    assert method.config.generator == generator  # "base" is the default
+    method.after_task(ctx, tasks[0], tasks[0].train)
+    ctx.task_index = 2
+    ctx.model.train()
+    flags = {n: p.requires_grad for n, p in ctx.model.named_parameters()}
+    data = method.training_data(ctx, tasks[1], tasks[1].train)
+    (call,) = fake.calls
+    # base: generated with the LoRA adapters disabled (and in eval mode); current: adapters on.
+    assert call["disabled"] == (generator == "base")
+    assert len(data) == len(tasks[1].train) + 1  # "Is 100", its duplicate, garbage
+    # Afterwards the model trains as before: adapters on, same trainable parameters, training mode.
+    assert not adapters_disabled(ctx.model) and ctx.model.training
+    assert {n: p.requires_grad for n, p in ctx.model.named_parameters()} == flags
+
+
+def test_base_generator_needs_lora(tmp_path):
+    raw = tiny_config(tmp_path, "pseudo_replay", model={"finetuning_type": "full"})
+    with pytest.raises(RetainError, match="full fine-tuning"):
+        make_plan(config_from_dict(raw))
+    raw = tiny_config(tmp_path, "pseudo_replay", {"generator": "current"}, model={"finetuning_type": "full"})
+    make_plan(config_from_dict(raw))

@@ -115,6 +115,17 @@ class ContinualMethod:
     # The method decides which adapters or weights answer at test time (it overrides eval_model,
     # eval_routes, activate_route or restore); at most one such method may be combined with others.
     decides_eval_model: ClassVar[bool] = False
+    # What the method does to the model between tasks, and what it needs from it; a combination whose
+    # component needs something another component breaks is refused (methods/combine.py, CONFLICTS).
+    adds_adapters: ClassVar[bool] = False  # adds LoRA adapters as the stream goes on
+    freezes_adapters: ClassVar[bool] = False  # freezes adapters trained on earlier tasks
+    # At the start of a task, the active adapters are switched (a fresh adapter alone, another group's
+    # adapter, or the previous task's adapter left out), so the model a task starts from is not the model
+    # the previous task ended with.
+    switches_adapters: ClassVar[bool] = False
+    # The method generates from the model a task starts from (pseudo samples of the earlier tasks), so
+    # that model must be the one the previous task ended with.
+    needs_previous_model_at_start: ClassVar[bool] = False
 
     def __init__(self, config: Any = None) -> None:
         self.config = config

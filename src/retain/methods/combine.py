@@ -9,6 +9,13 @@ Refused when the config is read, with the reason:
 - a method cannot be combined with itself.
 - at most one component may decide which model answers at evaluation (`decides_eval_model`: the
   adapter, EMA and routing methods); two of them would fight over the active adapters.
+- a component whose needs another component breaks (`CONFLICTS`, from the capability flags in
+  methods/base.py): the generation-based rehearsal methods (lamol, ssr) generate from the model a task
+  starts from, which the adapter-switching methods (conpet, abscl, lcia) replace at the start of a task.
+
+What a combination can do safely is handled by the methods themselves rather than refused: EWC follows
+whatever is trainable (adapters added or frozen by another component), and LwF takes its teacher at the
+task's first loss call, with the adapters that were active while the previous task trained.
 """
 
 from __future__ import annotations
@@ -25,6 +32,31 @@ from retain.models.forward import StepOutputs
 
 if TYPE_CHECKING:
     from retain.data.streams import Task
+
+
+# (need, effect, why): a component with the need cannot be combined with a component with the effect.
+CONFLICTS: list[tuple[str, str, str]] = [
+    (
+        "needs_previous_model_at_start",
+        "switches_adapters",
+        "{needs} generates its pseudo samples from the model a task starts from, but {breaks} switches the "
+        "active adapters at the start of each task, so that model is not the one the previous task ended "
+        "with",
+    ),
+]
+FLAGS = ("adds_adapters", "freezes_adapters", "switches_adapters", "needs_previous_model_at_start")
+
+
+def check_needs(components: list[ContinualMethod]) -> None:
+    """Refuse a combination in which a component breaks what another one needs, naming both and why."""
+    for need, effect, why in CONFLICTS:
+        for needs in components:
+            for breaks in components:
+                if needs is not breaks and getattr(needs, need) and getattr(breaks, effect):
+                    raise RetainError(
+                        f"config: {needs.name} cannot be combined with {breaks.name}: "
+                        + why.format(needs=needs.name, breaks=breaks.name)
+                    )
 
 
 class Combined(ContinualMethod):
@@ -46,12 +78,15 @@ class Combined(ContinualMethod):
                 f"config: {' and '.join(shaping)} both decide which adapters answer at evaluation; "
                 "combine at most one of them with regularization or rehearsal methods"
             )
+        check_needs(components)
         self._components = components
         self.name = "+".join(names)
         self.supports_full_finetuning = all(c.supports_full_finetuning for c in components)
         self.supports_multiprocess = all(c.supports_multiprocess for c in components)
         self.needs_task_id_at_test = any(c.needs_task_id_at_test for c in components)
         self.decides_eval_model = any(c.decides_eval_model for c in components)
+        for flag in FLAGS:
+            setattr(self, flag, any(getattr(c, flag) for c in components))
         self.router = next((c for c in components if c.decides_eval_model), components[0])
 
     @property

@@ -6,6 +6,12 @@ While training later tasks: L = L_task + lambda/2 * sum_i F_i (theta_i - theta*_
 gradient lambda * F * (theta - theta*) that pulls every parameter back toward theta*.
 With several processes each rank estimates the Fisher on its share of the samples and the sums are
 all-reduced, so every rank holds the same F.
+
+F and theta* are keyed by parameter name and follow whatever is trainable, so EWC combines with methods
+that add or freeze adapters (O-LoRA, ConPET, ABSCL, ...): the penalty covers the parameters trainable
+now that have an anchor (a frozen parameter cannot move and needs none; a fresh adapter has no anchor
+yet), and after a task F and theta* are recorded for the parameters that task trained (taken at its first
+`loss` call, since another component may freeze them in its own after_task). Task 1 has no penalty.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import torch.distributed as dist
 from retain.errors import RetainError
 from retain.methods.base import ContinualMethod, MethodContext
 from retain.methods.registry import register
-from retain.models.adapters import snapshot_trainable, trainable_parameters
+from retain.models.adapters import trainable_parameters, unwrap
 from retain.models.forward import StepOutputs
 
 
@@ -36,15 +42,25 @@ class EWCConfig:
             raise RetainError("config: ewc needs ewc_lambda >= 0, gamma in [0, 1] and fisher_samples > 0")
 
 
-def diagonal_fisher(ctx: MethodContext, examples: list) -> dict[str, torch.Tensor]:
-    """Mean squared per-example gradient of the training loss for every trainable parameter."""
-    params = trainable_parameters(ctx.model)
-    names = list(params)
+def diagonal_fisher(
+    ctx: MethodContext, examples: list, names: list[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Mean squared per-example gradient of the training loss for the parameters `names` (default: every
+    trainable parameter); they need not be trainable any more (their flags are restored afterwards)."""
+    inner = unwrap(ctx.model)
+    every = dict(inner.named_parameters())
+    names = list(trainable_parameters(ctx.model)) if names is None else [n for n in names if n in every]
+    if not names:
+        return {}
+    params = {n: every[n] for n in names}
+    flags = {n: p.requires_grad for n, p in params.items()}
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     share = examples[ctx.rank :: ctx.world_size]
     features = ctx.encode(share)
     was_training = ctx.model.training
     ctx.model.eval()  # no dropout: the Fisher of the model as it is
+    for p in params.values():
+        p.requires_grad_(True)
     for feature in features:
         batch = {k: v.to(ctx.device) for k, v in ctx.collate([feature]).items()}
         loss = ctx.forward(ctx.model, batch).loss
@@ -53,6 +69,8 @@ def diagonal_fisher(ctx: MethodContext, examples: list) -> dict[str, torch.Tenso
         for n, g in zip(names, grads, strict=True):
             if g is not None:
                 fisher[n] += g.detach().float() ** 2
+    for n, p in params.items():
+        p.requires_grad_(flags[n])
     ctx.model.train(was_training)
     count = torch.tensor(float(len(features)))
     if ctx.world_size > 1 and dist.is_initialized():
@@ -72,19 +90,27 @@ class EWC(ContinualMethod):
         super().__init__(config or EWCConfig())
         self.fisher: dict[str, torch.Tensor] = {}
         self.anchor: dict[str, torch.Tensor] = {}
+        self.trained: list[str] = []  # the parameters the current task trains (set at its first loss)
+
+    def before_task(self, ctx: MethodContext, task) -> None:
+        self.trained = []
 
     def penalty(self, model) -> torch.Tensor:
-        """lambda/2 * sum F (theta - theta*)^2 over the trainable parameters, with its gradient."""
+        """lambda/2 * sum F (theta - theta*)^2 over the trainable parameters that have an anchor."""
         params = trainable_parameters(model)
         total = next(iter(params.values())).new_zeros((), dtype=torch.float32)
         for name, fisher in self.fisher.items():
-            param = params[name]
+            param = params.get(name)
+            if param is None or name not in self.anchor:
+                continue  # frozen: it cannot move
             anchor = self.anchor[name].to(param.device)
             total = total + (fisher.to(param.device) * (param.float() - anchor) ** 2).sum()
         return 0.5 * self.config.ewc_lambda * total
 
     def loss(self, ctx: MethodContext, model, batch: dict, outputs: StepOutputs) -> torch.Tensor:
-        if not self.fisher:
+        if not self.trained:
+            self.trained = list(trainable_parameters(model))
+        if not self.fisher or ctx.task_index <= 1:
             return outputs.loss
         penalty = self.penalty(model)
         ctx.log("ewc/penalty", penalty)
@@ -93,12 +119,17 @@ class EWC(ContinualMethod):
     def after_task(self, ctx: MethodContext, task, data: list) -> None:
         generator = torch.Generator().manual_seed(ctx.config.seed + ctx.task_index)
         order = torch.randperm(len(data), generator=generator)[: self.config.fisher_samples].tolist()
-        new = diagonal_fisher(ctx, [data[i] for i in order])
+        names = self.trained or list(trainable_parameters(ctx.model))
+        new = diagonal_fisher(ctx, [data[i] for i in order], names)
         for name, value in new.items():
             old = self.fisher.get(name)
             self.fisher[name] = value if old is None else self.config.gamma * old + value
-        self.anchor = snapshot_trainable(ctx.model)
-        ctx.log("ewc/fisher_mean", torch.stack([f.mean() for f in self.fisher.values()]).mean())
+        params = dict(unwrap(ctx.model).named_parameters())
+        for name in new:
+            self.anchor[name] = params[name].detach().clone().float()
+        self.trained = []
+        if self.fisher:
+            ctx.log("ewc/fisher_mean", torch.stack([f.mean() for f in self.fisher.values()]).mean())
 
     def state_dict(self) -> dict[str, Any]:
         return {"fisher": self.fisher, "anchor": self.anchor}

@@ -24,6 +24,7 @@ from retain.data.formats import Example
 from retain.errors import RetainError
 from retain.methods.base import ContinualMethod, MethodContext
 from retain.methods.common.memory import draw_evenly, reservoir_sample
+from retain.methods.common.pseudo import own_examples
 from retain.methods.registry import register
 from retain.models.adapters import activate_adapters, adapter_state, add_adapter, peft_model, unwrap
 from retain.models.forward import StepOutputs, forward_with_weights, response_forward_with_hidden
@@ -88,6 +89,7 @@ class ILoRA(ContinualMethod):
     config: ILoRAConfig
     supports_full_finetuning = False
     decides_eval_model = True
+    adds_adapters = True  # the slow adapter
 
     def __init__(self, config: ILoRAConfig | None = None) -> None:
         super().__init__(config or ILoRAConfig())
@@ -150,7 +152,10 @@ class ILoRA(ContinualMethod):
         ctx.log("ilora/ema_alpha", a)
 
     def after_task(self, ctx: MethodContext, task: Task, data: list[Example]) -> None:
-        """Give the new task its share of the buffer; earlier tasks keep a uniform subsample of theirs."""
+        """Give the new task its share of the buffer; earlier tasks keep a uniform subsample of theirs.
+        Only the task's own examples enter its share: in a combination (`plus`), `data` may also hold
+        earlier tasks' replayed (`replayed_from`) or pseudo (`pseudo_from`) samples, which are left out
+        (as replay.py does)."""
         names = [*[n for n in self.memory if n != task.name], task.name]
         shares = {
             n: self.config.buffer_size // len(names) + (i < self.config.buffer_size % len(names))
@@ -160,7 +165,7 @@ class ILoRA(ContinualMethod):
         for name in names[:-1]:
             if len(self.memory[name]) > shares[name]:
                 self.memory[name] = rng.sample(self.memory[name], shares[name])
-        self.memory[task.name] = reservoir_sample(data, shares[task.name], rng)
+        self.memory[task.name] = reservoir_sample(own_examples(data), shares[task.name], rng)
         ctx.log("ilora/buffer_examples", sum(len(m) for m in self.memory.values()))
 
     def active(self) -> str:

@@ -104,6 +104,7 @@ class LAMOL(ContinualMethod):
     """LAMOL: learn to answer and to generate tasks; rehearse self-generated pseudo samples."""
 
     config: LAMOLConfig
+    needs_previous_model_at_start = True  # generates from the model as the task starts
 
     def __init__(self, config: LAMOLConfig | None = None) -> None:
         super().__init__(config or LAMOLConfig())

@@ -1,9 +1,15 @@
 """Learning without Forgetting for language models (Li & Hoiem, 2016), distilling on response tokens.
 
-Teacher: the model as it was before the current task (its trainable weights are snapshotted in
-before_task; the forward substitutes them with torch.func.functional_call, so nothing is copied into the
-model and no full-vocabulary logits are ever cached). The snapshot is retaken in before_task, so a
-resumed run needs no saved teacher. Loss on each step:
+Teacher: the model as it was at the end of the previous task. Its trainable weights are snapshotted
+lazily, at the first `loss` call of the task: by then every component of a combination has added,
+activated or frozen its adapters (so the snapshot is of the adapter actually being trained), and no
+update has happened yet (under gradient accumulation too: the first micro-batch comes before the first
+optimizer step). The forward substitutes the snapshot with torch.func.functional_call, so nothing is
+copied into the model and no full-vocabulary logits are ever cached. When another component switched the
+active adapters at the start of the task (ConPET's fresh adapter, ABSCL's new domain adapter), the teacher
+forward activates the adapters that were active while the previous task trained (recorded at every
+`loss` call and saved in the method state, so a resumed run has them). Task 1 has no previous task and
+no term. Loss on each step of task t > 1:
 L = L_task + alpha * T^2 * KL(softmax(z_teacher / T) || softmax(z_student / T)),
 averaged over response tokens.
 """
@@ -11,9 +17,11 @@ averaged over response tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from peft import PeftModel
 
 from retain.data.batching import IGNORE_INDEX
 from retain.errors import RetainError
@@ -55,26 +63,56 @@ class LwF(ContinualMethod):
     def __init__(self, config: LwFConfig | None = None) -> None:
         super().__init__(config or LwFConfig())
         self.teacher: dict[str, torch.Tensor] = {}
+        self.active: list[str] = []  # the adapters active while the latest task trained (PEFT only)
+        self.teacher_active: list[str] = []  # those of the previous task: the teacher's
+        self._pending = False  # the teacher is taken at the task's first loss call
 
     def before_task(self, ctx: MethodContext, task) -> None:
-        self.teacher = snapshot_trainable(ctx.model)
+        self.teacher, self.teacher_active = {}, []
+        self._pending = ctx.task_index > 1
+
+    @staticmethod
+    def _active(model) -> list[str]:
+        inner = unwrap(model)
+        return list(inner.active_adapters) if isinstance(inner, PeftModel) else []
+
+    def take_teacher(self, model) -> None:
+        """The previous task's model: the trainable weights as they are before the task's first update,
+        and the adapters that were active while the previous task trained."""
+        self.teacher = snapshot_trainable(model)
+        self.teacher_active = list(self.active)
+        self._pending = False
 
     def teacher_logits(self, model, batch: dict, keep: int) -> torch.Tensor:
         inner = unwrap(model)
-        weights = {
-            n: w.to(dtype=p.dtype)
-            for (n, w), p in zip(self.teacher.items(), self._params(inner), strict=True)
-        }
-        return forward_with_weights(inner, weights, batch, keep).logits[:, :-1]
-
-    def _params(self, inner):
         params = dict(inner.named_parameters())
-        return [params[n] for n in self.teacher]
+        weights = {n: w.to(dtype=params[n].dtype) for n, w in self.teacher.items()}
+        current = self._active(inner)
+        if not self.teacher_active or self.teacher_active == current:
+            return forward_with_weights(inner, weights, batch, keep).logits[:, :-1]
+        # PEFT's set_adapter also marks the active adapters trainable: put the flags back afterwards.
+        flags = {n: p.requires_grad for n, p in params.items()}
+        try:
+            inner.base_model.set_adapter(self.teacher_active)
+            return forward_with_weights(inner, weights, batch, keep).logits[:, :-1]
+        finally:
+            inner.base_model.set_adapter(current)
+            for n, p in params.items():
+                p.requires_grad_(flags[n])
 
     def loss(self, ctx: MethodContext, model, batch: dict, outputs: StepOutputs) -> torch.Tensor:
+        if self._pending:
+            self.take_teacher(model)
+        self.active = self._active(model)
         if not self.teacher or self.config.lwf_alpha == 0.0:
             return outputs.loss
         teacher = self.teacher_logits(model, batch, outputs.keep)
         kl = response_kl(outputs.logits, teacher, outputs.labels, self.config.temperature)
         ctx.log("lwf/kl", kl)
         return outputs.loss + self.config.lwf_alpha * kl
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"active": list(self.active)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.active = list(state.get("active", []))

@@ -119,7 +119,7 @@ class MIGU(ContinualMethod):
 
     # --- hooks -------------------------------------------------------------------------------------------
 
-    def attach(self, model: nn.Module) -> None:
+    def attach(self, model: nn.Module, required: bool = True) -> None:
         """Hook every linear layer whose output rows can be masked (see the module docstring)."""
         self.detach()
         inner = unwrap(model)
@@ -128,6 +128,8 @@ class MIGU(ContinualMethod):
             self.targets.append(target)
             self.handles.append(module.register_forward_hook(self._recorder(target)))
         if not self.targets:
+            if not required:
+                return
             raise RetainError("migu: the model has no trainable linear layer to mask")
         self.handles.append(inner.register_forward_pre_hook(self._remember_mask, with_kwargs=True))
 
@@ -170,7 +172,14 @@ class MIGU(ContinualMethod):
     def before_task(self, ctx: MethodContext, task) -> None:
         self.detach()
         if ctx.task_index > 1 or not self.config.skip_first_task:
+            self.attach(ctx.model, required=False)
+
+    def training_data(self, ctx: MethodContext, task, data: list) -> list:
+        # Attached again once every component of a combination has run its before_task: only then are the
+        # trainable adapters final (ConPET, ABSCL and I-LoRA make theirs trainable in their before_task).
+        if ctx.task_index > 1 or not self.config.skip_first_task:
             self.attach(ctx.model)
+        return data
 
     def before_optimizer_step(self, ctx: MethodContext, model: nn.Module) -> None:
         if not self.targets:

@@ -50,6 +50,7 @@ class OLoRA(ContinualMethod):
     config: OLoRAConfig
     supports_full_finetuning = False
     decides_eval_model = True
+    adds_adapters = freezes_adapters = True
 
     def __init__(self, config: OLoRAConfig | None = None) -> None:
         super().__init__(config or OLoRAConfig())

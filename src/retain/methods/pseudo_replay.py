@@ -2,10 +2,21 @@
 
 EasyCL's simplified Self-Synthesized Rehearsal (Huang et al., ACL 2024; EasyCL cites Rolnick et al.,
 NeurIPS 2019, for experience replay): after task k, `num_shots` real examples of it are kept. Before
-task t, for every earlier task k without a memory yet, the current model completes `memory_per_task`
+task t, for every earlier task k without a memory yet, the generator completes `memory_per_task`
 in-context prompts built from task k's demonstrations (seeded order, sampling at `temperature`); the
 completions parsed into (input, output) form task k's pseudo memory, kept for the rest of the stream.
 Training set of task t: D_t plus the pseudo memories of tasks 1..t-1. No refinement, no selection.
+
+The generator (`generator`):
+- `base` (the default): the model with its LoRA adapters disabled, as SSR writes its inputs. It still
+  follows the few-shot "write a new Input/Output example" prompt, whereas a model fine-tuned on short
+  answers often no longer does: on the quickstart stream, after 80 steps of parity the current model
+  answers the prompt with "even" instead of an example, no generation parses and the run degrades to
+  sequential fine-tuning (with a warning); the base model's generations mostly parse. Their outputs
+  are the base model's own answers, unrefined, so many are wrong (SSR has the latest model answer).
+  Needs finetuning_type: lora (the plan refuses full fine-tuning with it).
+- `current`: the model as trained through task t-1, adapters enabled (EasyCL's choice). Works with full
+  fine-tuning.
 
 Unlike EasyCL (pitfall 7 of METHODS.md), the demonstrations come from the *previous* tasks, never the
 current one (so task 1 is rehearsed), and each task's memory is capped.
@@ -14,13 +25,14 @@ current one (so task 1 is rehearsed), and each task's memory is capped.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from retain.data.formats import Example
 from retain.errors import RetainError
 from retain.methods.base import MethodContext
 from retain.methods.common import pseudo
 from retain.methods.registry import register
+from retain.models.adapters import base_model
 
 
 @dataclass
@@ -35,6 +47,13 @@ class PseudoReplayConfig:
     top_p: float = field(default=1.0, metadata={"help": "nucleus of the sampling (1.0: no cut)"})
     max_new_tokens: int = field(
         default=128, metadata={"help": "longest generated example, in tokens (at most cutoff_len)"}
+    )
+    generator: Literal["base", "current"] = field(
+        default="base",
+        metadata={
+            "help": "model that writes the pseudo samples: 'base' (LoRA adapters disabled; it still follows "
+            "the few-shot prompt; needs LoRA) or 'current' (the model trained so far, as EasyCL)"
+        },
     )
 
     def __post_init__(self) -> None:
@@ -54,23 +73,31 @@ class PseudoReplay(pseudo.DemoRehearsal):
 
     def __init__(self, config: PseudoReplayConfig | None = None) -> None:
         super().__init__(config or PseudoReplayConfig())
+        # The base generator is the LoRA model with its adapters disabled: full fine-tuning has none.
+        self.supports_full_finetuning = self.config.generator == "current"
 
-    def synthesize(self, ctx: MethodContext, source: str) -> list[dict[str, Any]]:
-        """Fill the memory of task `source` from its demonstrations; returns one record per generation."""
-        demos = self.demos[source]
-        texts = pseudo.demo_generations(
-            ctx,
-            ctx.model,
-            demos,
-            self.config.memory_per_task,
-            f"pseudo_replay:{source}",
-            f"pseudo_replay: samples of {source}",
+    def _generate(self, ctx: MethodContext, demos, source: str) -> list[str]:
+        options = dict(
             max_new_tokens=pseudo.token_limit(ctx, self.config.max_new_tokens),
             stop_strings=["\n" + pseudo.DEMO_INPUT],
             do_sample=True,
             temperature=self.config.temperature,
             top_p=self.config.top_p,
         )
+        salt, n = f"pseudo_replay:{source}", self.config.memory_per_task
+        if self.config.generator == "current":
+            return pseudo.demo_generations(
+                ctx, ctx.model, demos, n, salt, f"pseudo_replay: samples of {source}", **options
+            )
+        with base_model(ctx.model) as model:
+            return pseudo.demo_generations(
+                ctx, model, demos, n, salt, f"pseudo_replay: samples of {source} (base model)", **options
+            )
+
+    def synthesize(self, ctx: MethodContext, source: str) -> list[dict[str, Any]]:
+        """Fill the memory of task `source` from its demonstrations; returns one record per generation."""
+        demos = self.demos[source]
+        texts = self._generate(ctx, demos, source)
         system = demos[0].system
         kept: list[Example] = []
         seen: set[tuple[str, str]] = set()

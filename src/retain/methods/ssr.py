@@ -168,6 +168,7 @@ class SSR(pseudo.DemoRehearsal):
 
     config: SSRConfig
     supports_full_finetuning = False  # the base model is the LoRA model with its adapters disabled
+    needs_previous_model_at_start = True  # the latest model, as the task starts, writes the outputs
 
     def __init__(self, config: SSRConfig | None = None) -> None:
         super().__init__(config or SSRConfig())

@@ -121,6 +121,7 @@ class RoutedMethod(ContinualMethod):
 
     supports_full_finetuning = False
     decides_eval_model = True
+    adds_adapters = freezes_adapters = switches_adapters = True
 
     def route(self, ctx: MethodContext, task: Task) -> list[str]:
         """The route (adapter names joined by '+') of every test instance of `task`, in order."""
