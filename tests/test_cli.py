@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -10,18 +11,9 @@ import time
 
 import pytest
 
+from retain import cli
+
 from .helpers import ENV, RETAIN, assert_same, retain, write_config
-
-
-def snapshot(folder) -> dict[str, float]:
-    """Every file under `folder` with its modification time and size."""
-    out = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            st = os.stat(path)
-            out[path] = (st.st_mtime_ns, st.st_size)
-    return out
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
@@ -124,63 +116,38 @@ def test_train_then_eval_fills_the_same_matrix_as_run(tmp_path):
     assert predictions(other / "run") == predictions(tmp_path / "run")
 
 
-BAD_INPUTS = [
-    ("method.name=replya", ["unknown method 'replya'", "did you mean: replay"]),
-    ("train.learnig_rate=1e-4", ["learnig_rate", "did you mean: learning_rate"]),
-    ("stream.tasks=[nope_dataset]", ["nope_dataset"]),
-    ("stream.tasks=[synthetic:parityy]", ["parityy", "parity"]),
-    ("stream.train_size=-3", ["train_size", "positive"]),
-    ("stream.test_size=0", ["test_size", "positive"]),
-    ("train.cutoff_len=8", ["cutoff_len"]),
-    ("stream.tasks=[/nonexistent/file.json]", ["/nonexistent/file.json"]),
-]
+# Bad input of every kind (config values, data files, paths, usage): tests/test_user_errors.py.
 
 
-@pytest.mark.parametrize(("override", "needles"), BAD_INPUTS)
-def test_bad_input_gives_one_error_line_and_leaves_the_run_untouched(tmp_path, override, needles):
-    config = write_config(tmp_path)
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "keep.txt").write_text("existing work")
-    before = snapshot(run)
-    assert_user_error(retain("run", config, override), *needles)
-    assert snapshot(run) == before
+def test_a_path_error_from_deep_inside_is_one_error_line(monkeypatch, capsys):
+    def unwritable(args):
+        raise PermissionError(errno.EACCES, "Permission denied", "/srv/runs/x/state.json")
+
+    monkeypatch.setattr(cli, "cmd_metrics", unwritable)
+    assert cli.main(["metrics", "whatever.json"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: /srv/runs/x/state.json: Permission denied")
+    assert "output_dir" in lines[0]
 
 
-def test_bad_data_files_are_named_in_the_error(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "dataset_info.json").write_text(
-        json.dumps(
-            {
-                "good": {"file_name": "good.json"},
-                "broken": {"file_name": "broken.json"},
-                "nocol": {"file_name": "nocol.json"},
-                "empty": {"file_name": "empty.json"},
-            }
-        )
-    )
-    (data / "good.json").write_text(json.dumps([{"instruction": "say hi", "input": "", "output": "hi"}] * 4))
-    (data / "broken.json").write_text('[{"instruction": "x", "output": "y"},\n {"instruction": oops}]')
-    (data / "nocol.json").write_text(json.dumps([{"instruction": "x"}]))
-    (data / "empty.json").write_text("[]")
-    config = write_config(tmp_path)
-    cases = {
-        "broken": ["broken.json", "line 2"],
-        "nocol": ["nocol.json", "output"],
-        "empty": ["empty.json"],
-        "missing_name": ["missing_name", "good"],
-    }
-    for name, needles in cases.items():
-        proc = retain("run", config, f"stream.dataset_dir={data}", f"stream.tasks=[{name}]")
-        assert_user_error(proc, *needles)
+def test_an_oserror_that_is_no_path_mistake_keeps_its_traceback(monkeypatch):
+    def broken(args):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(cli, "cmd_metrics", broken)
+    with pytest.raises(OSError, match="Input/output"):
+        cli.main(["metrics", "whatever.json"])
 
 
-def test_malformed_yaml_and_missing_config(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("model: [unclosed\n")
-    assert_user_error(retain("run", str(bad)), "bad.yaml", "line")
-    assert_user_error(retain("run", str(tmp_path / "absent.yaml")), "absent.yaml")
+def test_heatmap_colour_bar_is_in_percent_like_its_cells(tmp_path):
+    from retain.evaluation.report import matrix_figure
+
+    figure = matrix_figure({"tasks": ["a", "b"], "matrix": [[0.1, 0.2], [0.9, 0.5], None], "method": "x"})
+    (image,) = figure.axes[0].get_images()
+    assert image.get_clim() == (0.0, 100.0)
+    cells = sorted(text.get_text() for text in figure.axes[0].texts)
+    assert cells == ["10.0", "20.0", "50.0", "90.0"]
+    assert "%" in figure.axes[1].get_ylabel()
 
 
 def _start(config: str) -> subprocess.Popen:

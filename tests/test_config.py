@@ -82,3 +82,56 @@ def test_every_example_config_loads():
     assert any(f.endswith("quickstart.yaml") for f in files)
     for path in files:
         load_config(path)
+
+
+def test_scheduler_names_are_transformers_scheduler_types():
+    import typing
+
+    from transformers import SchedulerType
+
+    from retain.config import SchedulerName
+
+    assert set(typing.get_args(SchedulerName)) == {s.value for s in SchedulerType}
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("lr_scheduler_type=bogus", "train.lr_scheduler_type"),
+        ("warmup_ratio=-0.5", "train.warmup_ratio"),
+        ("warmup_ratio=1.0", "train.warmup_ratio"),
+        ("seed=-1", "seed"),
+        ("seed=4294967296", "seed"),
+        ("lora_dropout=1.5", "model.lora_dropout"),
+        ("lora_dropout=-0.1", "model.lora_dropout"),
+        ("lora_alpha=-16", "model.lora_alpha"),
+        ("lora_alpha=0", "model.lora_alpha"),
+        ("model.lora_target=''", "model.lora_target"),
+        ("max_steps=0", "train.max_steps"),
+        ("max_steps=-2", "train.max_steps"),
+        ("train.weight_decay=-0.1", "train.weight_decay"),
+        ("train.max_grad_norm=-1", "train.max_grad_norm"),
+        ("train.logging_steps=0", "train.logging_steps"),
+    ],
+)
+def test_out_of_range_values_are_refused_naming_their_key(override, key):
+    with pytest.raises(RetainError) as err:
+        config_from_dict(BASE, overrides=[override])
+    assert str(err.value).startswith(f"config: {key} ")
+
+
+def test_boundary_values_are_accepted():
+    config = config_from_dict(
+        BASE,
+        overrides=[
+            "max_steps=-1",
+            "warmup_ratio=0.0",
+            "train.weight_decay=0",
+            "train.max_grad_norm=0",
+            "lora_dropout=0.0",
+            "seed=0",
+            "lr_scheduler_type=cosine",
+        ],
+    )
+    assert config.train.max_steps == -1 and config.train.lr_scheduler_type == "cosine"
+    assert config_from_dict(BASE, overrides=["finetuning_type=full", "model.lora_target=''"])

@@ -7,6 +7,7 @@ no traceback and without touching an existing run directory.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import math
@@ -18,6 +19,53 @@ from retain import __version__
 from retain.errors import RetainError
 
 EXIT_USER_ERROR = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors as one `error:` line (usage included) and exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        usage = " ".join(self.format_usage().split())
+        print(f"error: {message} ({usage}; {self.prog} -h for help)", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def _writable_folder(path: str, what: str, fix: str) -> None:
+    """Refuse a folder the run cannot be written to: a file in its place, or no write permission on
+    it (or, when it does not exist yet, on the nearest folder above it that does)."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise RetainError(f"{what} {path} is a file, not a folder; {fix}")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise RetainError(f"{what} {path} cannot be created: {existing} is a file, not a folder; {fix}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == path else f" (it would be created in {existing})"
+        raise RetainError(f"{what} {path} is not writable{where}: permission denied; {fix}")
+
+
+# OSErrors that are about the user's paths (permissions, a file where a folder should be, a full or
+# read-only disk), with what to do about each; any other OSError is a bug and keeps its traceback.
+PATH_ERRORS = {
+    errno.EACCES: "check the permissions of that path, or choose another output_dir",
+    errno.EPERM: "check the permissions of that path, or choose another output_dir",
+    errno.EROFS: "the file system is read-only; choose another output_dir",
+    errno.ENOSPC: "the disk is full; free some space or choose another output_dir",
+    errno.EDQUOT: "the disk quota is exceeded; free some space or choose another output_dir",
+    errno.EEXIST: "a file stands where a folder is needed; move it or choose another output_dir",
+    errno.ENOTDIR: "a file stands where a folder is needed; move it or choose another output_dir",
+    errno.EISDIR: "a folder stands where a file is needed; move it or choose another path",
+}
+
+
+def path_error_message(exc: OSError) -> str | None:
+    """The one-line message for an OSError on a user's path, or None when it is not one (a bug)."""
+    if exc.errno not in PATH_ERRORS or not exc.filename:
+        return None
+    path = os.path.abspath(os.fsdecode(exc.filename))
+    return f"{path}: {exc.strerror or 'cannot access'}; {PATH_ERRORS[exc.errno]}"
 
 
 def _console():
@@ -116,6 +164,9 @@ def cmd_run(args: argparse.Namespace, train: bool = True, evaluate: bool = True)
     if getattr(args, "dry_run", False):
         print_plan(make_plan(config))
         return 0
+    _writable_folder(
+        config.output_dir, "output_dir", "choose another output_dir (output_dir=PATH on the command line)"
+    )
     results = run_experiment(config, train=train, evaluate=evaluate)
     if results is not None and int(os.environ.get("RANK", "0")) == 0:
         from retain.evaluation.report import print_report
@@ -142,6 +193,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise RetainError(f"{args.run_dir} is not a retain run directory (no config.yaml)")
     config = config_from_dict(read_yaml(config_file), source=config_file)
     config.output_dir = args.run_dir
+    # Evaluation writes eval/, state.json, results.json and report.md into the run directory.
+    _writable_folder(
+        args.run_dir, "run directory", "retain eval writes its results there: make it writable, or copy it"
+    )
     results = run_experiment(config, train=False, evaluate=True)
     if results is not None and int(os.environ.get("RANK", "0")) == 0:
         print_report(results, _console())
@@ -235,9 +290,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="retain", description="Continual instruction tuning of language models."
-    )
+    parser = Parser(prog="retain", description="Continual instruction tuning of language models.")
     parser.add_argument("--version", action="version", version=f"retain {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -296,6 +349,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except RetainError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:
+        message = path_error_message(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(

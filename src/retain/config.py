@@ -23,6 +23,25 @@ from retain.errors import RetainError, did_you_mean
 logger = logging.getLogger(__name__)
 
 
+# transformers' SchedulerType values (tests/test_config.py checks that the two lists agree); kept here
+# so that reading a config does not import transformers.
+SchedulerName = Literal[
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+    "greedy",
+]
+SEED_LIMIT = 2**32  # numpy's seeds are below 2**32; a task's seed is seed + task index
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str = field(
@@ -34,7 +53,7 @@ class ModelConfig:
     finetuning_type: Literal["lora", "full"] = field(default="lora", metadata={"help": "lora or full"})
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank r"})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling alpha"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input, in [0, 1)"})
     lora_target: str = field(
         default="all-linear",
         metadata={"help": "modules that get LoRA: all-linear or comma-separated names (q_proj,v_proj)"},
@@ -96,15 +115,22 @@ class TrainConfig:
     learning_rate: float = 2e-4
     num_train_epochs: float = 1.0
     max_steps: int = field(
-        default=-1, metadata={"help": "optimizer steps per task; overrides epochs when > 0"}
+        default=-1,
+        metadata={"help": "optimizer steps per task (> 0), or -1 to train num_train_epochs epochs"},
     )
     per_device_train_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     cutoff_len: int = field(default=256, metadata={"help": "maximum tokens per training example"})
-    lr_scheduler_type: str = "constant"
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    lr_scheduler_type: SchedulerName = field(
+        default="constant", metadata={"help": "a transformers SchedulerType: constant, linear, cosine, ..."}
+    )
+    warmup_ratio: float = field(
+        default=0.0, metadata={"help": "fraction of the steps spent warming up, in [0, 1)"}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (>= 0)"})
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "gradient clipping norm (>= 0; 0 turns clipping off)"}
+    )
     bf16: Literal["auto", "true", "false"] = field(
         default="auto", metadata={"help": "auto (on where the CPU/GPU supports it), true, false"}
     )
@@ -374,10 +400,36 @@ def _positive(value: float | None, where: str, allow_none: bool = True) -> None:
         raise RetainError(f"config: {where} must be a positive number, got {value!r}")
 
 
+def _not_negative(value: float, where: str, meaning: str = "") -> None:
+    if value < 0:
+        raise RetainError(f"config: {where} must be 0 or more{meaning}, got {value!r}")
+
+
+def _fraction(value: float, where: str, meaning: str) -> None:
+    """`value` in [0, 1)."""
+    if not 0 <= value < 1:
+        raise RetainError(f"config: {where} must be at least 0 and below 1 ({meaning}), got {value!r}")
+
+
 def validate(config: RunConfig) -> None:
     """Check the values that can be checked without loading data or models."""
     _positive(config.model.lora_rank, "model.lora_rank", allow_none=False)
+    _positive(config.model.lora_alpha, "model.lora_alpha", allow_none=False)
+    _fraction(config.model.lora_dropout, "model.lora_dropout", "the probability of dropping an input")
+    if config.model.finetuning_type == "lora" and not config.model.lora_target.strip(" ,"):
+        raise RetainError("config: model.lora_target is empty; use all-linear or names such as q_proj,v_proj")
+    if not 0 <= config.seed < SEED_LIMIT:
+        raise RetainError(f"config: seed must be an integer from 0 to {SEED_LIMIT - 1}, got {config.seed!r}")
     _positive(config.train.learning_rate, "train.learning_rate", allow_none=False)
+    _fraction(config.train.warmup_ratio, "train.warmup_ratio", "the fraction of the steps spent warming up")
+    _not_negative(config.train.weight_decay, "train.weight_decay")
+    _not_negative(config.train.max_grad_norm, "train.max_grad_norm", " (0 turns gradient clipping off)")
+    _positive(config.train.logging_steps, "train.logging_steps", allow_none=False)
+    if config.train.max_steps == 0 or config.train.max_steps < -1:
+        raise RetainError(
+            f"config: train.max_steps must be a positive number of optimizer steps, or -1 to train "
+            f"train.num_train_epochs epochs, got {config.train.max_steps!r}"
+        )
     _positive(config.train.per_device_train_batch_size, "train.per_device_train_batch_size", False)
     _positive(config.train.gradient_accumulation_steps, "train.gradient_accumulation_steps", False)
     _positive(config.train.cutoff_len, "train.cutoff_len", allow_none=False)

@@ -28,6 +28,7 @@ def test_run_state_round_trips_through_state_json_with_its_documented_keys(tmp_p
     with open(run_dir.state_path, encoding="utf-8") as handle:
         saved = json.load(handle)
     keys = {"tasks", "trained", "rows", "timings", "num_processes", "adapters", "retain_version"}
+    keys.add("fingerprints")
     assert set(saved) == keys
     assert saved["rows"] == {"0": [0.25, 0.5]}
     loaded = run_dir.load_state()
@@ -65,7 +66,8 @@ def _saved_run(tmp_path, params: dict) -> RunDir:
     """A run directory whose config.yaml holds only the method settings the user wrote (as retain 0.1 did)."""
     config = config_from_dict(tiny_config(tmp_path, "ewc", params))
     run_dir = RunDir(config.output_dir)
-    run_dir.save_state(RunState(tasks=["parity", "capital_letters"]))
+    # trained >= 0: a start that never trained (trained = -1) is taken over whatever its settings.
+    run_dir.save_state(RunState(tasks=["parity", "capital_letters"], trained=1))
     write_text_atomic(run_dir.config_path, dump_config(config))
     assert yaml.safe_load(dump_config(config))["method"]["params"] == params
     return run_dir

@@ -161,3 +161,12 @@ def test_base_generator_needs_lora(tmp_path):
         make_plan(config_from_dict(raw))
     raw = tiny_config(tmp_path, "pseudo_replay", {"generator": "current"}, model={"finetuning_type": "full"})
     make_plan(config_from_dict(raw))
+
+
+def test_the_current_generator_is_refused_beside_a_method_that_switches_adapters_at_task_start():
+    from retain.errors import RetainError
+    from retain.methods.registry import create_method
+
+    with pytest.raises(RetainError, match="pseudo_replay cannot be combined with conpet"):
+        create_method("pseudo_replay", {"generator": "current", "plus": ["conpet"]})
+    assert create_method("pseudo_replay", {"plus": ["conpet"]}).name == "pseudo_replay+conpet"  # base: fine

@@ -2,7 +2,8 @@
 
 They catch what silently inflates or deflates continual-learning numbers: a dev split that is the test
 split (EasyCL's LNT and LFPT5 ship dev == test, so any tuning on dev tunes on test), test prompts that
-also occur in the training data, duplicated examples, and answers outside the task's label set.
+also occur in the training data, duplicated examples, empty answers, and answers outside the task's
+label set.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ class Finding:
     """One problem found in one task's data."""
 
     task: str
-    check: str  # dev_equals_test | test_in_train | duplicates | labels_outside_set | unseen_test_labels
+    # dev_equals_test | test_in_train | duplicates | empty_answers | labels_outside_set | unseen_test_labels
+    check: str
     count: int
     message: str
 
@@ -90,6 +92,18 @@ def check_task(
                     extra,
                     f"{split} split holds {extra} duplicate example(s) "
                     f"({len(counts)} distinct of {len(examples)})",
+                )
+            )
+    for split, examples in (("train", train), ("test", test)):
+        empty = sum(not e.reference.strip() for e in examples)
+        if empty:
+            left_out = " (left out of the test set: nothing to score)" if split == "test" else ""
+            findings.append(
+                Finding(
+                    task,
+                    "empty_answers",
+                    empty,
+                    f"{empty} of {len(examples)} {split} example(s) have an empty answer{left_out}",
                 )
             )
     if labels:

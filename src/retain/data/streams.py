@@ -80,8 +80,24 @@ def finish_task(
     labels_declared: bool = False,
     notes: list[str] | None = None,
 ) -> Task:
-    """Check (hygiene, on the full splits), subsample and add the default system prompt."""
+    """Check (hygiene, on the full splits), drop test examples without an answer, subsample and add the
+    default system prompt."""
     findings = check_task(cfg.name, train, test, dev, labels, labels_declared) if run.stream.hygiene else []
+    notes = list(notes or [])
+    for split, examples, spec in (("train", train, cfg.train), ("test", test, cfg.test or cfg.train)):
+        if examples and all(not e.reference.strip() for e in examples):
+            raise RetainError(
+                f"task '{cfg.name}': every {split} example of {spec} ({len(examples)}) has an empty answer, "
+                "so there is nothing to "
+                + ("learn" if split == "train" else "score")
+                + "; check the file's answer column (output, or the last assistant message)"
+            )
+    empty = sum(not e.reference.strip() for e in test)
+    if empty:
+        # An empty reference would score an empty prediction as correct: such examples are not scored.
+        test = [e for e in test if e.reference.strip()]
+        if not run.stream.hygiene:  # otherwise the data check says so
+            notes.append(f"{empty} test example(s) with an empty answer are left out of the test set")
     train = subsample(train, cfg.train_size, run.seed, f"{cfg.name}/train")
     test = subsample(test, cfg.test_size, run.seed, f"{cfg.name}/test")
     return Task(
@@ -89,7 +105,7 @@ def finish_task(
         train=_with_system(train, run.stream.system),
         test=_with_system(test, run.stream.system),
         scorer=scorer,
-        notes=list(notes or []),
+        notes=notes,
         labels=labels,
         hygiene=findings,
     )

@@ -210,9 +210,17 @@ def run_experiment(config: RunConfig, *, train: bool = True, evaluate: bool = Tr
     plan = make_plan(config)
     check_encoding(plan, load_tokenizer(config.model.name_or_path))
     run_dir = RunDir(config.output_dir)
-    run_dir.check_resumable(config)
+    fingerprints = plan.fingerprints()
+    run_dir.check_not_foreign()  # before a lock file is put into someone else's folder
     processes = process_state()
+    # Lock first, then check: a second start on the same folder is told another process holds it, and
+    # what the check sees cannot change under it. A folder holding only lock files and temporaries, or a
+    # start that never recorded its initial checkpoint (a stub), is taken over.
     with run_dir.lock(processes.process_index):
+        run_dir.check_resumable(config, fingerprints, plan.data_source)
+        processes.wait_for_everyone()
+        if processes.is_main_process:
+            run_dir.take_over()
         processes.wait_for_everyone()
         experiment = Experiment(plan, run_dir)
         state = run_dir.load_state() if run_dir.exists() else None
@@ -220,8 +228,9 @@ def run_experiment(config: RunConfig, *, train: bool = True, evaluate: bool = Tr
         if state is None:
             state = RunState(tasks=[t.name for t in plan.tasks])
             if experiment.is_main:
-                state = run_dir.initialise(config, state.tasks)
+                state = run_dir.initialise(config, state.tasks, fingerprints)
             processes.wait_for_everyone()
+        state.fingerprints = fingerprints  # checked above; recorded now if the state file predates them
         state.num_processes = processes.num_processes
         timings = state.timings
         timings["model_load_s"] = round(experiment.load_seconds, 3)

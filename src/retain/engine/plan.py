@@ -6,11 +6,15 @@ before the run directory is touched; `retain run --dry-run` prints the plan and 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from retain.config import RunConfig
 from retain.data.encode import encode_dataset
+from retain.data.formats import Example
 from retain.data.streams import Stream, Task, load_stream
 from retain.errors import RetainError
 from retain.evaluation.scoring import get_scorer
@@ -31,6 +35,39 @@ class Plan:
     @property
     def joint(self) -> bool:
         return self.method.joint_training
+
+    def fingerprints(self) -> dict[str, Any]:
+        """What the results depend on besides config.yaml, as content hashes: the resolved method settings
+        and each task's examples as used (after subsampling and the default system prompt), train and test.
+        state.json records them, and a resume whose data or settings hash differently is refused."""
+        return {
+            "method": _digest([self.method.name, self.config.method.params]),
+            "data": {
+                task.name: {"train": examples_digest(task.train), "test": examples_digest(task.test)}
+                for task in self.tasks
+            },
+        }
+
+    def data_source(self, task: str, split: str) -> str:
+        """Where a task's `split` examples come from, for messages: the data file or dataset name."""
+        for cfg in self.config.stream.tasks:
+            if cfg.name == task:
+                spec = cfg.test if split == "test" and cfg.test else cfg.train
+                if spec:
+                    return f"data file {spec}" if spec.endswith((".json", ".jsonl")) else f"dataset {spec}"
+        if self.stream and self.stream.benchmark:
+            return f"benchmark {self.stream.benchmark['name']} in {self.stream.benchmark['dir']}"
+        return "its data source"
+
+
+def _digest(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def examples_digest(examples: list[Example]) -> str:
+    """A content hash of examples in order: what the model is trained or tested on (messages, system)."""
+    return _digest([[e.messages, e.system] for e in examples])
 
 
 def make_plan(config: RunConfig) -> Plan:

@@ -15,10 +15,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -36,6 +38,18 @@ from retain.models.adapters import load_trainable, save_trainable, weights_folde
 # eval.batch_size: under bf16 autocast the batch composition can flip a near-tie in greedy decoding.)
 RESUME_MAY_CHANGE = {"train.logging_steps", "output_dir"}
 
+logger = logging.getLogger(__name__)
+
+# Left behind by a kill: retain.io's temporary files (.<name>.<pid>.<hex>.tmp) and save_checkpoint's
+# temporary folders (tasks/.<k>-*). Neither is ever read; both are removed when a run starts.
+_TEMP_FILE = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")
+_TEMP_CHECKPOINT = re.compile(r"^\.\d+-")
+
+
+def _bookkeeping(name: str) -> bool:
+    """Lock files and stale temporaries: not content, so a folder holding only these is no one's run."""
+    return name == ".lock" or name.startswith(".lock.") or bool(_TEMP_FILE.match(name))
+
 
 @dataclass
 class RunState:
@@ -52,6 +66,9 @@ class RunState:
     num_processes: int = 1
     adapters: list[str] = field(default_factory=list)
     retain_version: str = __version__
+    # Content hashes of what the results depend on besides config.yaml (Plan.fingerprints): "method" (the
+    # resolved settings) and "data" (task -> {"train", "test"}). Empty in a state file from before 0.3.
+    fingerprints: dict[str, Any] = field(default_factory=dict)
 
     def has_row(self, row: int) -> bool:
         return str(row) in self.rows
@@ -119,14 +136,35 @@ class RunDir:
         with open(self.config_path, encoding="utf-8") as handle:
             return yaml.safe_load(handle)
 
-    def check_resumable(self, config: RunConfig) -> None:
-        """Refuse to resume into a folder that holds a run with different settings."""
-        if not self.exists():
-            if os.path.isdir(self.path) and os.listdir(self.path) and not os.path.isfile(self.config_path):
-                raise RetainError(
-                    f"output_dir {self.path} exists and is not a retain run directory; "
-                    "choose another output_dir"
-                )
+    def check_not_foreign(self) -> None:
+        """Refuse a folder that holds something other than a retain run (before a lock file is put in it).
+
+        Lock files and stale temporaries do not count: a start killed while the model loaded leaves only
+        `.lock`, and the rerun takes that folder over."""
+        if self.exists() or not os.path.isdir(self.path) or os.path.isfile(self.config_path):
+            return
+        if any(not _bookkeeping(name) for name in os.listdir(self.path)):
+            raise RetainError(
+                f"output_dir {self.path} exists and is not a retain run directory; choose another output_dir"
+            )
+
+    def is_stub(self) -> bool:
+        """A start that never recorded its initial checkpoint: nothing was trained or evaluated."""
+        return not self.exists() or self.load_state().trained < 0
+
+    def check_resumable(
+        self,
+        config: RunConfig,
+        fingerprints: dict[str, Any] | None = None,
+        source: Callable[[str, str], str] | None = None,
+    ) -> None:
+        """Refuse to resume into a folder that holds a run with different settings or data.
+
+        A stub (see `is_stub`) is accepted whatever its settings, since nothing was trained: `take_over`
+        starts it afresh. `fingerprints` (Plan.fingerprints) are compared with those state.json recorded,
+        when it recorded any; `source(task, split)` names a task's data in the message."""
+        self.check_not_foreign()
+        if self.is_stub():
             return
         saved = self.saved_config()
         if isinstance(saved.get("method"), dict):
@@ -141,6 +179,57 @@ class RunDir:
                 f"run directory {self.path} holds a run with other settings ({diffs}); "
                 "use another output_dir, or delete the folder to start over"
             )
+        if fingerprints:
+            self._check_fingerprints(config, fingerprints, source)
+
+    def _check_fingerprints(
+        self, config: RunConfig, new: dict[str, Any], source: Callable[[str, str], str] | None
+    ) -> None:
+        old = self.load_state().fingerprints
+        if not old:
+            return  # a state file from before fingerprints: they are recorded from now on
+        advice = "use another output_dir, or delete the folder to start over"
+        if old.get("method") and old["method"] != new.get("method"):
+            raise RetainError(
+                f"method '{config.method.name}': its resolved settings changed since this run started "
+                "(method.params resolve to other values, e.g. a default changed in this version of retain); "
+                f"run directory {self.path}; {advice}"
+            )
+        old_data, new_data = old.get("data") or {}, new.get("data") or {}
+        if old_data and set(old_data) != set(new_data):
+            raise RetainError(
+                f"run directory {self.path}: the tasks changed since this run started "
+                f"({', '.join(old_data)} -> {', '.join(new_data)}); {advice}"
+            )
+        for task, hashes in new_data.items():
+            for split, words in (("train", "training data"), ("test", "test data")):
+                recorded = (old_data.get(task) or {}).get(split)
+                if recorded and recorded != hashes.get(split):
+                    where = source(task, split) if source else "its data source"
+                    raise RetainError(
+                        f"task '{task}': its {words} changed since this run started ({where}); "
+                        f"run directory {self.path} holds results of the old data; {advice}"
+                    )
+
+    def take_over(self) -> None:
+        """On the main process, under the lock, before anything is written: remove the temporaries a kill
+        left behind, and start a stub (a start that never recorded its initial checkpoint) afresh."""
+        if not os.path.isdir(self.path):
+            return
+        for name in os.listdir(self.path):
+            if _TEMP_FILE.match(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.path, name))
+        tasks = os.path.join(self.path, "tasks")
+        if os.path.isdir(tasks):
+            for name in os.listdir(tasks):
+                if _TEMP_CHECKPOINT.match(name) or _TEMP_FILE.match(name):
+                    logger.info("removing %s, left by an interrupted checkpoint write", name)
+                    path = os.path.join(tasks, name)
+                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        if self.exists() and self.is_stub():
+            logger.info("taking over %s: its start never reached the initial checkpoint", self.path)
+            os.remove(self.state_path)
 
     @contextlib.contextmanager
     def lock(self, rank: int = 0) -> Iterator[None]:
@@ -168,12 +257,14 @@ class RunDir:
             fcntl.flock(handle, fcntl.LOCK_UN)
             handle.close()
 
-    def initialise(self, config: RunConfig, tasks: list[str]) -> RunState:
+    def initialise(
+        self, config: RunConfig, tasks: list[str], fingerprints: dict[str, Any] | None = None
+    ) -> RunState:
         """Write config.yaml and a fresh state.json unless resuming; return the state."""
         if self.exists():
             return self.load_state()
         write_text_atomic(self.config_path, dump_config(config))
-        state = RunState(tasks=tasks)
+        state = RunState(tasks=tasks, fingerprints=dict(fingerprints or {}))
         self.save_state(state)
         return state
 

@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from retain.methods.base import ContinualMethod, MethodContext
 from retain.models.forward import response_forward
@@ -30,6 +31,13 @@ class _MethodHooks(TrainerCallback):
         self.method.after_optimizer_step(self.ctx, self.trainer.model)
 
 
+class _QuietProgress(ProgressCallback):
+    """The step bar without the raw log dict written under it (the logs go to train_log.json)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
 class ContinualTrainer(Trainer):
     """transformers.Trainer whose loss is the method's, with the method's step hooks around the update."""
 
@@ -41,6 +49,8 @@ class ContinualTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
         self.add_callback(_MethodHooks(method, ctx, self))
+        if self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(_QuietProgress)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = response_forward(model, inputs)

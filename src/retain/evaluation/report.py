@@ -130,8 +130,8 @@ def print_report(results: dict, console: Console | None = None) -> None:
     console.print(render_metrics(results))
 
 
-def plot_matrix(results: dict, path: str | os.PathLike) -> None:
-    """Write the accuracy matrix as an annotated PNG heatmap (rows: after which task; columns: tasks)."""
+def matrix_figure(results: dict):
+    """The accuracy matrix as an annotated heatmap in percent (rows: after which task; columns: tasks)."""
     # The object-oriented Agg API draws without pyplot's global state and without a display; imported
     # here so that commands which never plot do not pay for matplotlib.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -139,11 +139,12 @@ def plot_matrix(results: dict, path: str | os.PathLike) -> None:
 
     tasks = results["tasks"]
     labels = _row_labels(results)
-    values = [[math.nan] * len(tasks) if row is None else list(row) for row in results["matrix"]]
+    # Cells, colours and colour bar all in percent (scores are fractions in results.json).
+    values = [[math.nan] * len(tasks) if row is None else [100 * v for v in row] for row in results["matrix"]]
     figure = Figure(figsize=(3.5 + 1.1 * len(tasks), 2.0 + 0.55 * len(labels)), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    image = axes.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    image = axes.imshow(values, cmap="viridis", vmin=0.0, vmax=100.0, aspect="auto")
     axes.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
     axes.set_yticks(range(len(labels)), labels)
     axes.set_xlabel("evaluated on task")
@@ -156,13 +157,19 @@ def plot_matrix(results: dict, path: str | os.PathLike) -> None:
                 axes.text(
                     j,
                     i,
-                    f"{100 * value:.1f}",
+                    f"{value:.1f}",
                     ha="center",
                     va="center",
-                    color="black" if value > 0.6 else "white",
+                    color="black" if value > 60 else "white",
                     fontsize=9,
                 )
-    figure.colorbar(image, ax=axes, label="accuracy")
+    figure.colorbar(image, ax=axes, label="accuracy (%)")
+    return figure
+
+
+def plot_matrix(results: dict, path: str | os.PathLike) -> None:
+    """Write the accuracy matrix as an annotated PNG heatmap (rows: after which task; columns: tasks)."""
+    figure = matrix_figure(results)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
     write_bytes_atomic(path, buffer.getvalue())

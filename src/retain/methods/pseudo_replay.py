@@ -75,6 +75,8 @@ class PseudoReplay(pseudo.DemoRehearsal):
         super().__init__(config or PseudoReplayConfig())
         # The base generator is the LoRA model with its adapters disabled: full fine-tuning has none.
         self.supports_full_finetuning = self.config.generator == "current"
+        # The current generator is the model as the task starts: another method switching adapters breaks it.
+        self.needs_previous_model_at_start = self.config.generator == "current"
 
     def _generate(self, ctx: MethodContext, demos, source: str) -> list[str]:
         options = dict(

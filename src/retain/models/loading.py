@@ -106,7 +106,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         tokenizer = tiny_tokenizer()
     else:
         path = resolve_builtin(name_or_path)[0] if name_or_path in GGUF_MODELS else _local_dir(name_or_path)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = _from_pretrained(AutoTokenizer, path, "tokenizer")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -120,7 +120,25 @@ def _local_dir(path: str) -> str:
         )
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise RetainError(f"model directory {path} has no config.json; is it a Hugging Face model folder?")
+    files = os.listdir(path)
+    if not any(name.endswith(WEIGHT_SUFFIXES) for name in files):
+        raise RetainError(
+            f"model directory {path} has no weights (*.safetensors or *.bin); copy the whole model folder "
+            "there (config.json, the weights and the tokenizer files)"
+        )
     return path
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+
+
+def _from_pretrained(loader, path: str, what: str, **kwargs):
+    """`loader.from_pretrained(path)`, with a broken or incomplete folder reported as a user error."""
+    try:
+        return loader.from_pretrained(path, local_files_only=True, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RetainError(f"model directory {path}: cannot load its {what} ({first})") from None
 
 
 def load_model(name_or_path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, LoadInfo]:
@@ -136,7 +154,7 @@ def load_model(name_or_path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerB
         else:
             path = _local_dir(name_or_path)
         tokenizer = load_tokenizer(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+        model = _from_pretrained(AutoModelForCausalLM, path, "model", dtype=torch.float32)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
