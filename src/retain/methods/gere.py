@@ -79,11 +79,7 @@ class GeReConfig:
         default=2, metadata={"help": "general samples forwarded with every training micro-batch"}
     )
     tm_weight: float = field(
-        default=1.0,
-        metadata={
-            "help": "weight w of the threshold-margin loss (the reference's 100 barely learns the "
-            "quickstart: 37.5% parity after task 1, 68.8% at 1)"
-        },
+        default=1.0, metadata={"help": "weight w of the threshold-margin loss (the reference: 100)"}
     )
     dynamic_weight: bool = field(
         default=False,
