@@ -289,6 +289,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _close_process_group() -> None:
+    """Leave torchrun's process group cleanly: a gloo group alive at interpreter exit can abort a rank."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="retain", description="Continual instruction tuning of language models.")
     parser.add_argument("--version", action="version", version=f"retain {__version__}")
@@ -361,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
             "interrupted: run the same command again to resume after the last completed task", file=sys.stderr
         )
         return 130
+    finally:
+        _close_process_group()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from retain.methods.ewc import diagonal_fisher
 
 from ..helpers import tiny_context, write_config
 
-pytestmark = pytest.mark.distributed
+# One worker runs these one after another: two torchrun jobs at once overload two cores.
+pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("torchrun")]
 
 
 @pytest.mark.parametrize("method", ["sequential", "replay", "ewc", "olora", "ilora", "lcia", "clmoe", "gem"])

@@ -89,3 +89,21 @@ def test_a_run_saved_with_only_the_changed_settings_resumes_and_a_changed_settin
         run_dir.check_resumable(planned({"ewc_lambda": 8.0}))
     with pytest.raises(RetainError, match=r"method\.params"):
         run_dir.check_resumable(planned({"ewc_lambda": 7.0, "gamma": 0.5}))
+
+
+def test_checkpoints_follow_the_umask_and_a_resume_after_row_0_says_so(tmp_path, caplog):
+    import os
+    import stat
+
+    raw = tiny_config(tmp_path, "sequential")
+    config = config_from_dict(raw)
+    old = os.umask(0o022)
+    try:
+        run_experiment(config, train=False, evaluate=True)  # checkpoint 0 and row 0 only
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE(os.stat(tmp_path / "run" / "tasks" / "0-init").st_mode)
+    assert mode == 0o755, oct(mode)  # mkdtemp alone gives 0700
+    with caplog.at_level("INFO", logger="retain"):
+        run_experiment(config_from_dict(raw))
+    assert "resuming" in caplog.text and "0 task(s) trained, rows evaluated: 0" in caplog.text

@@ -238,8 +238,11 @@ def run_experiment(config: RunConfig, *, train: bool = True, evaluate: bool = Tr
             experiment.checkpoint(0, [])
             state.trained = 0
             experiment.save_state(state)
-        elif state.trained > 0:
-            logger.info("resuming %s after task %d", run_dir.path, state.trained)
+        elif state.trained > 0 or state.rows:
+            done = ", ".join(sorted(state.rows, key=int)) or "none"
+            logger.info(
+                "resuming %s: %d task(s) trained, rows evaluated: %s", run_dir.path, state.trained, done
+            )
         if evaluate and config.eval.before_training and not state.has_row(0):
             start = time.perf_counter()
             state.set_row(0, experiment.evaluate(0))

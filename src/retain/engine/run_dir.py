@@ -30,7 +30,7 @@ import yaml
 from retain import __version__
 from retain.config import RunConfig, config_to_dict, dump_config
 from retain.errors import RetainError
-from retain.io import write_json_atomic, write_text_atomic
+from retain.io import current_umask, write_json_atomic, write_text_atomic
 from retain.methods.registry import create_method, resolved_settings
 from retain.models.adapters import load_trainable, save_trainable, weights_folder
 
@@ -285,6 +285,7 @@ class RunDir:
         target = self.task_dir(index, name)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{index}-", dir=os.path.dirname(target))
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700; a checkpoint follows the umask
         try:
             save_trainable(model, os.path.join(tmp, weights_folder(model)))
             torch.save(method_state, os.path.join(tmp, "method_state.pt"))
