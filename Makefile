@@ -21,6 +21,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/retain run examples/quickstart.yaml
+	@echo "next: source $(VENV)/bin/activate, then try: retain run examples/quickstart.yaml method.name=replay"
 
 test: $(STAMP)
 	$(BIN)/pytest

@@ -75,6 +75,25 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_dry_run_shows_the_global_batch_for_the_launched_processes(tmp_path):
+    config = write_config(tmp_path)  # 4 per device
+    env = {**ENV, "WORLD_SIZE": "2"}  # what torchrun --nproc_per_node 2 sets
+
+    def dry(*overrides: str) -> str:
+        proc = subprocess.run(
+            [*RETAIN, "run", config, "--dry-run", *overrides], capture_output=True, text=True, env=env
+        )
+        assert proc.returncode == 0, proc.stderr
+        return " ".join(proc.stdout.split())
+
+    out = dry()
+    assert "8 examples per step = 4 per device x 2 process(es) x 1 accumulation step(s)" in out
+    assert "set train.global_batch_size" in out
+    out = dry("train.global_batch_size=4")
+    assert "4 examples per step = 2 per device x 2 process(es) x 1 accumulation step(s)" in out
+    assert "set train.global_batch_size" not in out
+
+
 def test_dry_run_of_a_combination_shows_every_component(tmp_path):
     config = write_config(tmp_path)
     proc = retain("run", config, "--dry-run", "method.name=replay", "method.plus=[ewc]")

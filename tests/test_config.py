@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from retain.config import config_from_dict, load_config
 from retain.errors import RetainError
@@ -135,3 +136,52 @@ def test_boundary_values_are_accepted():
     )
     assert config.train.max_steps == -1 and config.train.lr_scheduler_type == "cosine"
     assert config_from_dict(BASE, overrides=["finetuning_type=full", "model.lora_target=''"])
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("model.lora_layers=last:0", "model.lora_layers"),
+        ("model.lora_layers=top", "model.lora_layers"),
+        ("model.lora_layers=1,x", "model.lora_layers"),
+        ("train.global_batch_size=0", "train.global_batch_size"),
+    ],
+)
+def test_bad_layer_and_batch_settings_are_refused_naming_their_key(override, key):
+    with pytest.raises(RetainError) as err:
+        config_from_dict(BASE, overrides=[override])
+    assert str(err.value).startswith(f"config: {key} ")
+
+
+def test_global_batch_and_accumulation_are_not_both_set():
+    with pytest.raises(RetainError, match="not both"):
+        config_from_dict(BASE, overrides=["train.global_batch_size=8", "gradient_accumulation_steps=2"])
+
+
+def test_each_method_of_a_config_gets_its_own_run_directory(tmp_path):
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump({"stream": {"tasks": ["synthetic:parity"]}}))
+    assert load_config(str(path)).output_dir == "runs/demo/sequential"
+    assert load_config(str(path), ["method.name=replay"]).output_dir == "runs/demo/replay"
+    combined = load_config(str(path), ["method.name=lwf", "method.plus=[ewc]"])
+    assert combined.output_dir == "runs/demo/lwf+ewc"
+    seeded = load_config(str(path), ["output_dir=out/{config}-{seed}/{method}", "seed=7"])
+    assert seeded.output_dir == "out/demo-7/sequential"
+    assert load_config(str(path), ["output_dir=plain/dir"]).output_dir == "plain/dir"
+    with pytest.raises(RetainError, match="placeholder"):
+        load_config(str(path), ["output_dir=runs/{model}"])
+
+
+def test_relative_paths_resolve_from_the_current_directory_and_the_config_folder_is_named(
+    tmp_path, monkeypatch
+):
+    configs = tmp_path / "configs"
+    (configs / "data").mkdir(parents=True)
+    path = configs / "c.yaml"
+    path.write_text(yaml.safe_dump({"stream": {"dataset_dir": "data", "tasks": ["synthetic:parity"]}}))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RetainError, match="resolve from where retain runs") as err:
+        load_config(str(path))
+    assert "configs/data" in str(err.value)
+    monkeypatch.chdir(configs)
+    assert load_config(str(path)).stream.dataset_dir == "data"

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from .helpers import ENV, RETAIN, retain, tiny_config
 
@@ -75,6 +76,13 @@ def world():
             [{"instruction": f"q{i}", "input": "", "output": ""} for i in range(4)]
         ),
     }
+    for split, count in (("with_image", 4), ("with_image_test", 2)):
+        records = [
+            {"instruction": f"<image>{split} {i}?", "output": "red", "images": ["red.png"]}
+            for i in range(count)
+        ]
+        files[f"{split}.json"] = json.dumps(records)
+    Image.new("RGB", (8, 8), "red").save(os.path.join(data, "red.png"))
     for name, text in files.items():
         with open(os.path.join(data, name), "w") as handle:
             handle.write(text)
@@ -88,6 +96,10 @@ def world():
     os.makedirs(os.path.join(base, "config_only_model"))
     with open(os.path.join(base, "config_only_model", "config.json"), "w") as handle:
         json.dump({"model_type": "llama"}, handle)
+    # A config whose relative dataset_dir exists beside it but not from where retain runs.
+    os.makedirs(os.path.join(base, "beside", "data_beside"))
+    with open(os.path.join(base, "beside", "c.yaml"), "w") as handle:
+        yaml.safe_dump({**raw, "stream": {**raw["stream"], "dataset_dir": "data_beside"}}, handle)
     os.makedirs(os.path.join(base, "locked"))
     os.chmod(os.path.join(base, "locked"), 0o555)
     before = file_hashes(raw["output_dir"])
@@ -143,6 +155,25 @@ CASES = [
     Case("lora-alpha", run_case("lora_alpha=-16"), ["config: model.lora_alpha", "-16"]),
     Case("weight-decay", run_case("train.weight_decay=-0.1"), ["config: train.weight_decay", "-0.1"]),
     Case("max-grad-norm", run_case("train.max_grad_norm=-1"), ["config: train.max_grad_norm", "-1"]),
+    Case("lora-layers-syntax", run_case("model.lora_layers=top"), ["config: model.lora_layers", "top"]),
+    Case(
+        "lora-layers-beyond-the-model",
+        run_case("model.lora_layers=last:9", "output_dir={base}/layers_run"),
+        ["config: model.lora_layers", "it has 2"],
+        existing=False,
+    ),
+    Case(
+        "global-batch-with-accumulation",
+        run_case("train.global_batch_size=8", "gradient_accumulation_steps=2"),
+        ["train.global_batch_size", "not both"],
+    ),
+    Case("output-dir-placeholder", run_case("output_dir={base}/{{model}}"), ["output_dir", "{{model}}"]),
+    Case(
+        "dataset-dir-beside-the-config",
+        ["run", "{base}/beside/c.yaml"],
+        ["stream.dataset_dir", "data_beside", "resolve from where retain runs"],
+        existing=False,
+    ),
     Case("train-size", run_case("stream.train_size=-3"), ["train_size", "positive"]),
     Case("test-size", run_case("stream.test_size=0"), ["test_size", "positive"]),
     Case("cutoff-len", run_case("train.cutoff_len=8"), ["cutoff_len"]),
@@ -170,6 +201,14 @@ CASES = [
             "stream.dataset_dir={data}", "stream.tasks=[{{name: blank, train: good, test: blank_answers}}]"
         ),
         ["blank_answers", "empty"],
+    ),
+    Case(
+        "images-on-a-text-model",
+        run_case(
+            "stream.dataset_dir={data}",
+            "stream.tasks=[{{name: img, train: with_image, test: with_image_test}}]",
+        ),
+        ["task 'img' has images", "text-only model"],
     ),
     Case(
         "model-folder-without-weights",

@@ -112,6 +112,12 @@ def print_plan(plan) -> None:
         f"{c.name} {c.config}" if c.config is not None else c.name for c in plan.method.components
     )
     console.print(f"[bold]method[/bold] {settings}")
+    console.print(f"[bold]batch[/bold] {plan.batch.describe()}")
+    if plan.batch.processes > 1 and config.train.global_batch_size is None:
+        console.print(
+            f"  note: {plan.batch.processes} processes make each step {plan.batch.processes}x larger "
+            "than one process would; set train.global_batch_size to keep the step the same"
+        )
     benchmark = plan.stream.benchmark if plan.stream else None
     if benchmark:
         console.print(
@@ -121,7 +127,7 @@ def print_plan(plan) -> None:
     table = Table(title="task stream")
     for column in ("#", "task", "train", "test", "scorer", "labels", "steps"):
         table.add_column(column)
-    batch = config.train.per_device_train_batch_size * config.train.gradient_accumulation_steps
+    batch = plan.batch.global_batch
     for i, unit in enumerate(plan.train_units, 1):
         steps = (
             config.train.max_steps
@@ -191,8 +197,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config_file = os.path.join(args.run_dir, "config.yaml")
     if not os.path.isfile(config_file):
         raise RetainError(f"{args.run_dir} is not a retain run directory (no config.yaml)")
-    config = config_from_dict(read_yaml(config_file), source=config_file)
-    config.output_dir = args.run_dir
+    raw = read_yaml(config_file)
+    raw["output_dir"] = args.run_dir.replace("{", "{{").replace("}", "}}")  # a path, not a pattern
+    config = config_from_dict(raw, source=config_file)
     # Evaluation writes eval/, state.json, results.json and report.md into the run directory.
     _writable_folder(
         args.run_dir, "run directory", "retain eval writes its results there: make it writable, or copy it"

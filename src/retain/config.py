@@ -58,6 +58,20 @@ class ModelConfig:
         default="all-linear",
         metadata={"help": "modules that get LoRA: all-linear or comma-separated names (q_proj,v_proj)"},
     )
+    lora_layers: str = field(
+        default="all",
+        metadata={
+            "help": "decoder layers that get LoRA: all, last:N (the top N; the backward pass then stops "
+            "below them) or indices such as 0,1,2 (PEFT's layers_to_transform)"
+        },
+    )
+    freeze_vision_tower: bool = field(
+        default=True,
+        metadata={"help": "image-text models: keep the vision tower's weights fixed (false: train them)"},
+    )
+    train_projector: bool = field(
+        default=False, metadata={"help": "image-text models: train the multimodal projector's own weights"}
+    )
     template: str = field(
         default="auto",
         metadata={"help": "chat template: auto uses the model's own; LLaMA-Factory names are accepted"},
@@ -120,6 +134,14 @@ class TrainConfig:
     )
     per_device_train_batch_size: int = 8
     gradient_accumulation_steps: int = 1
+    global_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "examples per optimizer step over all processes, kept whatever the process count "
+            "(per-device micro-batches and accumulation are derived); unset: per device x processes "
+            "x accumulation"
+        },
+    )
     cutoff_len: int = field(default=256, metadata={"help": "maximum tokens per training example"})
     lr_scheduler_type: SchedulerName = field(
         default="constant", metadata={"help": "a transformers SchedulerType: constant, linear, cosine, ..."}
@@ -160,7 +182,13 @@ class RunConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    output_dir: str = "runs/run"
+    output_dir: str = field(
+        default="runs/{config}/{method}",
+        metadata={
+            "help": "the run directory; {config} (the config file's name), {method} and {seed} are "
+            "filled in, so each method of one config gets its own run"
+        },
+    )
     seed: int = 42
 
 
@@ -172,10 +200,12 @@ FLAT_ALIASES: dict[str, str] = {
     "lora_alpha": "model.lora_alpha",
     "lora_dropout": "model.lora_dropout",
     "lora_target": "model.lora_target",
+    "lora_layers": "model.lora_layers",
     "template": "model.template",
     "cutoff_len": "train.cutoff_len",
     "per_device_train_batch_size": "train.per_device_train_batch_size",
     "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "global_batch_size": "train.global_batch_size",
     "learning_rate": "train.learning_rate",
     "num_train_epochs": "train.num_train_epochs",
     "max_steps": "train.max_steps",
@@ -364,8 +394,10 @@ def read_yaml(path: str) -> dict:
     return data
 
 
-def config_from_dict(raw: dict, source: str = "config", overrides: list[str] | None = None) -> RunConfig:
-    """Build and validate a RunConfig from a raw mapping plus dotted overrides."""
+def config_from_dict(
+    raw: dict, source: str = "config", overrides: list[str] | None = None, name: str = "run"
+) -> RunConfig:
+    """Build and validate a RunConfig from a raw mapping plus dotted overrides; `name` fills `{config}`."""
     tree = _normalise_tree(raw, source)
     if overrides:
         extra = _normalise_tree(parse_overrides(overrides), "overrides")
@@ -376,20 +408,49 @@ def config_from_dict(raw: dict, source: str = "config", overrides: list[str] | N
         tree = _merge(tree, extra)
     config = build_dataclass(RunConfig, tree, "")
     validate(config)
+    config.output_dir = fill_output_dir(config, name)
     return config
 
 
+def method_label(method: MethodConfig) -> str:
+    """The method as a folder name: `lwf`, or `lwf+ewc` for a combination (`plus`)."""
+    plus = method.params.get("plus") or []
+    entries = plus if isinstance(plus, list) else [plus]
+    names = [e.get("name", "") if isinstance(e, dict) else str(e) for e in entries]
+    return "+".join([method.name, *[n for n in names if n]])
+
+
+def fill_output_dir(config: RunConfig, name: str) -> str:
+    """output_dir with `{config}`, `{method}` and `{seed}` filled in."""
+    values = {"config": name, "method": method_label(config.method), "seed": str(config.seed)}
+    try:
+        return config.output_dir.format(**values)
+    except (KeyError, IndexError, ValueError):
+        raise RetainError(
+            f"config: output_dir '{config.output_dir}' has a placeholder retain does not know; "
+            "use {config}, {method} or {seed} (or double the braces for a literal one)"
+        ) from None
+
+
 def load_config(path: str, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config file, apply `key=value` overrides and validate the result."""
-    config = config_from_dict(read_yaml(path), source=path, overrides=overrides)
+    """Read a YAML config file, apply `key=value` overrides and validate the result.
+
+    Relative paths (model, dataset_dir, benchmark_dir, task files, output_dir) resolve against the
+    current directory, as in LLaMA-Factory; a folder that exists only beside the config is reported.
+    """
+    name = os.path.splitext(os.path.basename(path))[0] or "run"
+    config = config_from_dict(read_yaml(path), source=path, overrides=overrides, name=name)
     base = os.path.dirname(os.path.abspath(path))
-    # Relative data paths in a config are relative to the config file, as users expect.
     for key in ("dataset_dir", "benchmark_dir"):
         folder = getattr(config.stream, key)
-        if folder and not os.path.isabs(folder):
-            candidate = os.path.join(base, folder)
-            if os.path.isdir(candidate) and not os.path.isdir(folder):
-                setattr(config.stream, key, candidate)
+        if folder and not os.path.isabs(folder) and not os.path.isdir(folder):
+            beside = os.path.join(base, folder)
+            if os.path.isdir(beside) and os.path.abspath(beside) != os.path.abspath(folder):
+                raise RetainError(
+                    f"{path}: stream.{key} '{folder}' does not exist from the current directory "
+                    f"{os.getcwd()} (relative paths resolve from where retain runs, not from the "
+                    f"config's folder); write {os.path.relpath(beside)} or an absolute path"
+                )
     return config
 
 
@@ -411,6 +472,23 @@ def _fraction(value: float, where: str, meaning: str) -> None:
         raise RetainError(f"config: {where} must be at least 0 and below 1 ({meaning}), got {value!r}")
 
 
+def parse_lora_layers(spec: str) -> int | list[int] | None:
+    """`model.lora_layers`: None for all layers, an int N for the top N layers, or a list of indices."""
+    text = spec.strip().replace(" ", "")
+    if text in ("", "all"):
+        return None
+    hint = "use all, last:N (the top N layers) or layer indices such as 0,1,2"
+    if text.startswith("last:"):
+        count = text[len("last:") :]
+        if not count.isdigit() or int(count) <= 0:
+            raise RetainError(f"config: model.lora_layers '{spec}': N in last:N must be a positive integer")
+        return int(count)
+    parts = text.split(",")
+    if not all(part.isdigit() for part in parts):
+        raise RetainError(f"config: model.lora_layers '{spec}' is not understood; {hint}")
+    return sorted({int(part) for part in parts})
+
+
 def validate(config: RunConfig) -> None:
     """Check the values that can be checked without loading data or models."""
     _positive(config.model.lora_rank, "model.lora_rank", allow_none=False)
@@ -418,6 +496,7 @@ def validate(config: RunConfig) -> None:
     _fraction(config.model.lora_dropout, "model.lora_dropout", "the probability of dropping an input")
     if config.model.finetuning_type == "lora" and not config.model.lora_target.strip(" ,"):
         raise RetainError("config: model.lora_target is empty; use all-linear or names such as q_proj,v_proj")
+    parse_lora_layers(config.model.lora_layers)
     if not 0 <= config.seed < SEED_LIMIT:
         raise RetainError(f"config: seed must be an integer from 0 to {SEED_LIMIT - 1}, got {config.seed!r}")
     _positive(config.train.learning_rate, "train.learning_rate", allow_none=False)
@@ -432,6 +511,12 @@ def validate(config: RunConfig) -> None:
         )
     _positive(config.train.per_device_train_batch_size, "train.per_device_train_batch_size", False)
     _positive(config.train.gradient_accumulation_steps, "train.gradient_accumulation_steps", False)
+    _positive(config.train.global_batch_size, "train.global_batch_size")
+    if config.train.global_batch_size is not None and config.train.gradient_accumulation_steps != 1:
+        raise RetainError(
+            "config: set train.global_batch_size or train.gradient_accumulation_steps, not both "
+            "(with global_batch_size the accumulation is derived from it)"
+        )
     _positive(config.train.cutoff_len, "train.cutoff_len", allow_none=False)
     _positive(config.eval.max_new_tokens, "eval.max_new_tokens", allow_none=False)
     _positive(config.eval.batch_size, "eval.batch_size", allow_none=False)

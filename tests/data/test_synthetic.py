@@ -29,6 +29,11 @@ def _expected(meta):
         return meta["word"].upper()
     if task == "max_number":
         return str(max(meta["numbers"]))
+    if task == "sentiment":
+        positive = {"delicious", "friendly", "wonderful", "excellent", "charming", "comfortable", "brilliant"}
+        positive |= {"delightful", "pleasant", "superb", "fun", "lovely"}
+        assert all(word in meta["review"] for word in meta["words"])
+        return "positive" if set(meta["words"]) <= positive else "negative"
     raise AssertionError(f"no reference answer for {task}")
 
 
@@ -56,7 +61,9 @@ def test_task(name, tokenizer):
         assert example.reference == _expected(example.meta)
         assert example.meta["task"] == name and example.messages[0]["role"] == "user"
         assert "Answer with" in example.messages[0]["content"]
-        assert len(tokenizer(example.messages[0]["content"] + example.reference)["input_ids"]) < 80
+        assert (
+            len(tokenizer(example.messages[0]["content"] + example.reference)["input_ids"]) < 120
+        )  # tiny vocabulary: short prompts
 
 
 def test_prompts_are_distinguishable():
@@ -84,3 +91,16 @@ def test_errors():
     with pytest.raises(RetainError, match="unknown split 'tset'"):
         load_synthetic("synthetic:parity", 5, 0, "tset")
     assert len(load_synthetic("synthetic:parity", 5, 0, "dev")) == 5
+
+
+def test_capital_letters_counts_only_the_change_of_case():
+    from retain.evaluation.scoring import get_scorer
+
+    scorer = get_scorer(SYNTHETIC_TASKS["capital_letters"].scorer)
+    assert scorer("PGWBT", "PGWBT") == 1.0
+    assert scorer("pgwbt", "PGWBT") == 0.0  # a copied lowercase word is not the answer
+
+
+def test_sentiment_labels_are_balanced():
+    labels = [e.reference for e in load_synthetic("synthetic:sentiment", 400, seed=0, split="train")]
+    assert 150 < labels.count("positive") < 250 and set(labels) == {"positive", "negative"}

@@ -21,10 +21,7 @@ from ..helpers import tiny_context, write_config
 pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("torchrun")]
 
 
-@pytest.mark.parametrize("method", ["sequential", "replay", "ewc", "olora", "ilora", "lcia", "clmoe", "gem"])
-def test_torchrun_two_processes_runs_the_same_config(tmp_path, method):
-    params = {"fisher_samples": 8} if method == "ewc" else {}
-    config = write_config(tmp_path, method=method, params=params)
+def _torchrun(config: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [
         sys.executable,
@@ -38,16 +35,35 @@ def test_torchrun_two_processes_runs_the_same_config(tmp_path, method):
         "run",
         config,
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("method", ["sequential", "replay", "ewc", "olora", "ilora", "lcia", "clmoe", "gem"])
+def test_torchrun_two_processes_runs_the_same_config(tmp_path, method):
+    params = {"fisher_samples": 8} if method == "ewc" else {}
+    proc = _torchrun(write_config(tmp_path, method=method, params=params))
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run"
     results = json.loads((run / "results.json").read_text())
     assert results["num_processes"] == 2
+    assert results["batch"] == {"per_device": 4, "processes": 2, "accumulation": 1, "global": 8}
     assert len(results["matrix"]) == 3
     assert (run / "tasks" / "2-capital_letters" / "adapter" / "adapter_model.safetensors").is_file()
     if method == "ewc":
         state = torch.load(run / "tasks" / "2-capital_letters" / "method_state.pt")
         assert state["fisher"] and sum(float(f.sum()) for f in state["fisher"].values()) > 0
+
+
+def test_a_global_batch_size_keeps_the_step_size_under_two_processes(tmp_path):
+    proc = _torchrun(write_config(tmp_path, train={"global_batch_size": 4}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["batch"] == {"per_device": 2, "processes": 2, "accumulation": 1, "global": 4}
+    # The Trainer used the derived batch: 6 steps of 4 examples over both ranks are 0.75 of the 32
+    # training examples (with 4 per device on each rank it would be 1.5 epochs).
+    log = json.loads((tmp_path / "run" / "tasks" / "1-parity" / "train_log.json").read_text())
+    epochs = [entry["epoch"] for entry in log if entry.get("step") == 6 and "epoch" in entry]
+    assert epochs and epochs[-1] == pytest.approx(0.75)
 
 
 def _fisher_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:

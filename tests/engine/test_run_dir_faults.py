@@ -120,6 +120,28 @@ def test_two_starts_at_once_the_loser_is_told_another_process_holds_the_folder(t
     assert f"another retain process (pid {os.getpid()}) is using run directory" in proc.stderr, proc.stderr
 
 
+def test_a_refused_start_leaves_the_lock_file_as_it_was(tmp_path):
+    raw = tiny_config(tmp_path)
+    run_experiment(config_from_dict(raw))
+    lock = tmp_path / "run" / ".lock"
+    lock.write_text("99999")  # as a run started by another process leaves it
+    before = lock.read_bytes()
+    with pytest.raises(RetainError, match="other settings"):
+        run_experiment(config_from_dict(raw, overrides=["train.learning_rate=0.5"]))
+    assert lock.read_bytes() == before
+
+
+def test_a_resume_under_another_process_count_is_refused_without_a_global_batch(tmp_path):
+    raw = tiny_config(tmp_path)
+    run_experiment(config_from_dict(raw), evaluate=False)
+    state_path = tmp_path / "run" / "state.json"
+    state = json.loads(state_path.read_text())
+    state.update(trained=1, num_processes=2)  # as a 2-process run stopped after its first task leaves it
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(RetainError, match="trained with 2 process"):
+        run_experiment(config_from_dict(raw), evaluate=False)
+
+
 def _facts(n: int, offset: int = 0) -> list[dict]:
     return [
         {"instruction": f"fact {i}", "input": "", "output": f"v{i % 3}"} for i in range(offset, offset + n)

@@ -132,12 +132,14 @@ def test_replay_in_task_3_draws_from_the_memories_of_task_1_and_task_2_evenly(tm
 
 
 def _hand_fisher(ctx, examples) -> dict[str, torch.Tensor]:
-    """Mean over the examples of the squared gradient of each example's own training loss."""
+    """Mean over the examples of the squared gradient of each example's answer log-likelihood (the sum
+    over its answer tokens: the token-mean loss times the number of answer tokens)."""
     names = list(trainable_parameters(ctx.model))
     total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in trainable_parameters(ctx.model).items()}
     for example in examples:
         batch = ctx.collate(ctx.encode([example]))
-        params = set_gradient(ctx, lambda batch=batch: ctx.forward(ctx.model, batch).loss)
+        tokens = int((batch["labels"] != -100).sum())
+        params = set_gradient(ctx, lambda batch=batch, n=tokens: ctx.forward(ctx.model, batch).loss * n)
         for n, p in zip(names, params, strict=True):
             total[n] += p.grad.double() ** 2
             p.grad = None

@@ -2,6 +2,9 @@
 
 retain runs offline, so only entries with a local `file_name` (a .json/.jsonl file or a folder of them) load;
 hub entries (hf_hub_url, ms_hub_url, ...) fail with a message saying how to make them local.
+
+Multimodal records (LLaMA-Factory's `images` column, LLaVA's `image` key) load with their images as
+absolute, checked paths in `Example.images`; see `load_examples` for where relative paths resolve.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import os
 from typing import Any
 
 from retain.data.formats import OPENAI_TAGS, Example, parse_alpaca, parse_sharegpt
+from retain.data.images import check_placeholders, resolve_images
 from retain.errors import RetainError, did_you_mean
 
 DATASET_INFO = "dataset_info.json"
@@ -127,6 +131,17 @@ def _guess_format(record: Any) -> tuple[str, dict, dict]:
     return "alpaca", {}, {}
 
 
+def _guess_image_column(records: list[Any]) -> dict:
+    """LLaVA-style files name one image per record under "image"; map it when no record uses "images".
+
+    Every record is looked at because LLaVA mixes text-only records (no "image" key) into image data.
+    """
+    keys = [record for record in records if isinstance(record, dict)]
+    if any("images" in record for record in keys) or not any("image" in record for record in keys):
+        return {}
+    return {"images": "image"}
+
+
 def _parse_records(
     records: list[Any], path: str, formatting: str, columns: dict, tags: dict, name: str
 ) -> list[Example]:
@@ -140,9 +155,24 @@ def _parse_records(
             example = parse_sharegpt(record, columns, tags, path, index)
         else:
             example = parse_alpaca(record, columns, path, index)
+        # Only records that carry an images cell: a literal "<image>" in text-only data stays plain text.
+        if (columns or {}).get("images", "images") in record:
+            check_placeholders(example.messages, example.images, path, index)
         example.meta["dataset"] = name
         examples.append(example)
     return examples
+
+
+def _resolve_images(examples: list[Example], base_dir: str) -> None:
+    """Make every example's image paths absolute (relative ones against `base_dir`) and check the files.
+
+    Runs after num_samples, so records that are dropped cost no file checks.
+    """
+    checked: dict[str, str | None] = {}
+    for example in examples:
+        if example.images:
+            source, index = example.meta["source"], example.meta["index"]
+            example.images = resolve_images(example.images, base_dir, source, index, checked)
 
 
 def _check_entry(name: str, entry: Any, info_path: str) -> None:
@@ -172,11 +202,19 @@ def _check_entry(name: str, entry: Any, info_path: str) -> None:
             raise RetainError(f"{info_path}: dataset '{name}' \"{key}\" must be an object")
 
 
-def load_examples(spec: str, dataset_dir: str | None = None) -> list[Example]:
+def load_examples(spec: str, dataset_dir: str | None = None, image_dir: str | None = None) -> list[Example]:
     """Load a dataset: `spec` is a name in `<dataset_dir>/dataset_info.json` or a .json/.jsonl file path.
 
     A plain file is read as alpaca unless its records hold "conversations" or "messages" (sharegpt).
     An entry's optional "num_samples" keeps the first that many records (deterministic, unlike LLaMA-Factory).
+
+    Images: a record's `images` column (a list of paths, or one path; a dataset_info entry may map it with
+    "columns": {"images": ...}) fills `Example.images`. In a plain file whose records use LLaVA's "image"
+    key (one path) and none use "images", "image" is read instead, so LLaVA / CoIN JSON loads as is.
+    Relative image paths resolve against `image_dir` when given (relative to the working directory), else
+    against `dataset_dir` for a dataset_info entry (LLaMA-Factory's media_dir default) or the data file's
+    folder for a plain file. Each image must exist and open, and each record with an images cell must hold
+    exactly one "<image>" per image in its messages; otherwise a RetainError names the file and record.
     """
     candidates = [spec] + ([os.path.join(dataset_dir, spec)] if dataset_dir else [])
     path = next((c for c in candidates if os.path.isfile(c)), None)
@@ -185,9 +223,11 @@ def load_examples(spec: str, dataset_dir: str | None = None) -> list[Example]:
             raise RetainError(f"data file {spec} does not exist; fix the path")
         records = read_records(path)
         formatting, columns, tags = _guess_format(records[0] if records else None)
+        columns = {**columns, **_guess_image_column(records)}
         examples = _parse_records(records, path, formatting, columns, tags, name=spec)
         if not examples:
             raise RetainError(f"{path} holds no records; add data or pick another file")
+        _resolve_images(examples, image_dir or os.path.dirname(os.path.abspath(path)))
         return examples
 
     if dataset_dir is None:
@@ -217,4 +257,5 @@ def load_examples(spec: str, dataset_dir: str | None = None) -> list[Example]:
         raise RetainError(
             f"dataset '{spec}' ({entry['file_name']} in {dataset_dir}) holds no records; add data"
         )
+    _resolve_images(examples, image_dir or dataset_dir)
     return examples

@@ -1,4 +1,4 @@
-"""LLaMA-Factory alpaca / sharegpt records -> one `Example` record (messages, system).
+"""LLaMA-Factory alpaca / sharegpt records -> one `Example` record (messages, system, images).
 
 Column and tag names follow LLaMA-Factory's dataset_info.json so existing data files load unchanged.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from retain.data.images import image_list
 from retain.errors import RetainError
 
 
@@ -16,11 +17,15 @@ class Example:
     """One conversation: `messages` alternate user/assistant and end with the assistant turn to learn.
 
     For evaluation, the prompt is every message but the last and the reference is the last one's content.
+    `images` are image file paths, one per `<image>` placeholder in the messages, in order; the parsers
+    keep them as the record wrote them and `load_examples` makes them absolute. Text-only data has none.
     """
 
     messages: list[dict[str, str]]
     system: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # Last, so positional Example(messages, system, meta) calls keep working.
+    images: list[str] = field(default_factory=list)
 
     @property
     def prompt_messages(self) -> list[dict[str, str]]:
@@ -40,11 +45,20 @@ class Example:
         return self.messages[-1]["content"]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"messages": self.messages, "system": self.system, "meta": self.meta}
+        record = {"messages": self.messages, "system": self.system, "meta": self.meta}
+        # Only when present, so text-only records (and saved method states) serialize as before.
+        if self.images:
+            record["images"] = self.images
+        return record
 
     @classmethod
     def from_dict(cls, record: dict[str, Any]) -> Example:
-        return cls(messages=record["messages"], system=record.get("system"), meta=record.get("meta", {}))
+        return cls(
+            messages=record["messages"],
+            system=record.get("system"),
+            meta=record.get("meta", {}),
+            images=list(record.get("images") or []),
+        )
 
 
 # LLaMA-Factory's defaults (data/parser.py): users write dataset_info.json against these names.
@@ -75,7 +89,8 @@ OPENAI_TAGS = {
     "function_tag": "function_call",
     "system_tag": "system",
 }
-# Kept as-is in Example.meta: the text pipeline does not use multimodal inputs or tool schemas yet.
+# Kept as-is in Example.meta: the text pipeline does not use videos, audios or tool schemas yet. Images
+# also stay there as written (callers read meta["images"]); Example.images is the checked list to use.
 _META_COLUMNS = ("images", "videos", "audios", "tools")
 
 
@@ -108,6 +123,12 @@ def _meta(record: dict, columns: dict, source: str, index: int) -> dict[str, Any
         if record.get(column):
             meta[key] = record[column]
     return meta
+
+
+def _images(record: dict, columns: dict, source: str, index: int) -> list[str]:
+    """The record's image paths from the `images` column (LLaMA-Factory's name unless mapped)."""
+    column = columns.get("images", "images")
+    return image_list(record.get(column), source, index, column)
 
 
 def parse_alpaca(record: dict, columns: dict, source: str, index: int) -> Example:
@@ -144,14 +165,16 @@ def parse_alpaca(record: dict, columns: dict, source: str, index: int) -> Exampl
     messages.append({"role": "user", "content": user})
     messages.append({"role": "assistant", "content": _text(response, source, index, "the response")})
     system = _text(record.get(cols["system"]), source, index, f"column '{cols['system']}'") or None
-    return Example(messages=messages, system=system, meta=_meta(record, cols, source, index))
+    images = _images(record, cols, source, index)
+    return Example(messages=messages, system=system, meta=_meta(record, cols, source, index), images=images)
 
 
 def parse_sharegpt(record: dict, columns: dict, tags: dict, source: str, index: int) -> Example:
     """Convert one LLaMA-Factory sharegpt record (a list of role-tagged messages) to an Example.
 
     user/observation turns become role "user", assistant/function_call turns role "assistant"; a leading
-    system message (or the system column) becomes `Example.system`.
+    system message (or the system column) becomes `Example.system`. The `images` column (a list of paths,
+    or one path) becomes `Example.images`, unresolved; `load_examples` resolves and checks them.
     """
     cols = {**SHAREGPT_COLUMNS, **(columns or {})}
     tag = {**SHAREGPT_TAGS, **(tags or {})}
@@ -203,4 +226,5 @@ def parse_sharegpt(record: dict, columns: dict, tags: dict, source: str, index: 
             f"{source}: record {index} does not end with an assistant turn, so there is nothing to learn; "
             "fix or drop this record"
         )
-    return Example(messages=messages, system=system, meta=_meta(record, cols, source, index))
+    images = _images(record, cols, source, index)
+    return Example(messages=messages, system=system, meta=_meta(record, cols, source, index), images=images)

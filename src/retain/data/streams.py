@@ -12,7 +12,7 @@ import hashlib
 import logging
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tqdm.auto import tqdm
 
@@ -66,7 +66,7 @@ def _load_spec(spec: str, dataset_dir: str | None, n: int | None, seed: int, spl
 
 
 def _with_system(examples: list[Example], system: str) -> list[Example]:
-    return [e if e.system or not system else Example(e.messages, system, e.meta) for e in examples]
+    return [e if e.system or not system else replace(e, system=system) for e in examples]
 
 
 def finish_task(

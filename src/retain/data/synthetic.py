@@ -161,7 +161,63 @@ def _unit_conversion(rng: random.Random) -> tuple[str, str, dict[str, Any]]:
     return prompt, str(value * factor), {"value": value, "from": source, "to": target, "factor": factor}
 
 
-@synthetic_task("capital_letters", "write a lowercase word in capital letters")
+_SUBJECTS = [
+    "The food",
+    "The service",
+    "The room",
+    "The movie",
+    "The staff",
+    "The hotel",
+    "The concert",
+    "The book",
+    "The coffee",
+    "The show",
+    "The trip",
+    "The game",
+]
+_POLARITY_WORDS = {
+    "positive": [
+        "delicious",
+        "friendly",
+        "wonderful",
+        "excellent",
+        "charming",
+        "comfortable",
+        "brilliant",
+        "delightful",
+        "pleasant",
+        "superb",
+        "fun",
+        "lovely",
+    ],
+    "negative": [
+        "awful",
+        "rude",
+        "terrible",
+        "dirty",
+        "boring",
+        "cold",
+        "disappointing",
+        "horrible",
+        "noisy",
+        "bland",
+        "slow",
+        "dull",
+    ],
+}
+
+
+@synthetic_task("sentiment", "say whether a one-sentence review is positive or negative")
+def _sentiment(rng: random.Random) -> tuple[str, str, dict[str, Any]]:
+    label = rng.choice(sorted(_POLARITY_WORDS))
+    first, second = rng.sample(_POLARITY_WORDS[label], 2)
+    review = f"{rng.choice(_SUBJECTS)} was {first} and {second}."
+    prompt = f"Review: {review} Is the review positive or negative? Answer with positive or negative."
+    return prompt, label, {"review": review, "words": [first, second]}
+
+
+# Exact: the task is the change of case, so a copied lowercase word must not count as correct.
+@synthetic_task("capital_letters", "write a lowercase word in capital letters", scorer="exact")
 def _capital_letters(rng: random.Random) -> tuple[str, str, dict[str, Any]]:
     word = _word(rng, 3, 7)
     return f"Write '{word}' in capital letters. Answer with the word only.", word.upper(), {"word": word}

@@ -24,16 +24,19 @@ from retain.engine.evaluate import evaluate_row
 from retain.engine.plan import Plan, check_encoding, make_plan
 from retain.engine.run_dir import RunDir, RunState
 from retain.engine.trainer import ContinualTrainer
+from retain.errors import RetainError
 from retain.evaluation.report import build_results, write_report
 from retain.methods.base import MethodContext
 from retain.models.adapters import adapter_names, apply_finetuning
 from retain.models.loading import load_model, load_tokenizer
-from retain.runtime import process_state, use_bf16
+from retain.runtime import BatchLayout, batch_layout, process_state, use_bf16
 
 logger = logging.getLogger(__name__)
 
 
-def training_arguments(config: RunConfig, run_dir: RunDir, index: int, bf16: bool) -> TrainingArguments:
+def training_arguments(
+    config: RunConfig, run_dir: RunDir, index: int, bf16: bool, batch: BatchLayout
+) -> TrainingArguments:
     train = config.train
     # transformers 5 folds warmup_ratio into warmup_steps (a float < 1 is a ratio); 4.x has both.
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
@@ -45,8 +48,8 @@ def training_arguments(config: RunConfig, run_dir: RunDir, index: int, bf16: boo
     return TrainingArguments(
         **warmup,
         output_dir=os.path.join(run_dir.path, "tasks", ".trainer"),
-        per_device_train_batch_size=train.per_device_train_batch_size,
-        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        per_device_train_batch_size=batch.per_device,
+        gradient_accumulation_steps=batch.accumulation,
         learning_rate=train.learning_rate,
         num_train_epochs=train.num_train_epochs,
         max_steps=train.max_steps,
@@ -73,6 +76,7 @@ class Experiment:
         self.plan, self.config, self.run_dir = plan, plan.config, run_dir
         self.method = plan.method
         self.processes = process_state()
+        self.batch = batch_layout(self.config.train, self.processes.num_processes)
         model, tokenizer, info = load_model(self.config.model.name_or_path)
         set_seed(self.config.seed)
         self.model = apply_finetuning(model, self.config.model)
@@ -128,7 +132,7 @@ class Experiment:
         )
         trainer = ContinualTrainer(
             model=self.model,
-            args=training_arguments(self.config, self.run_dir, index, self.ctx.bf16),
+            args=training_arguments(self.config, self.run_dir, index, self.ctx.bf16, self.batch),
             train_dataset=FeatureDataset(features),
             data_collator=self.ctx.collate,
             method=self.method,
@@ -181,6 +185,7 @@ def _results(plan: Plan, state: RunState) -> dict:
         "task_id_at_test": plan.method.needs_task_id_at_test,
         "seed": config.seed,
         "num_processes": state.num_processes,
+        "batch": batch_layout(config.train, state.num_processes).to_dict(),
         "adapters": state.adapters,
         "train_sizes": {t.name: len(t.train) for t in plan.tasks},
         "test_sizes": {t.name: len(t.test) for t in plan.tasks},
@@ -231,6 +236,14 @@ def run_experiment(config: RunConfig, *, train: bool = True, evaluate: bool = Tr
                 state = run_dir.initialise(config, state.tasks, fingerprints)
             processes.wait_for_everyone()
         state.fingerprints = fingerprints  # checked above; recorded now if the state file predates them
+        if state.trained > 0 and state.num_processes != processes.num_processes and train:
+            if config.train.global_batch_size is None and state.trained < len(plan.train_units):
+                raise RetainError(
+                    f"{run_dir.path} trained with {state.num_processes} process(es) and this start has "
+                    f"{processes.num_processes}: each process adds a per-device batch, so the remaining "
+                    f"tasks would train with another step size; resume with {state.num_processes} "
+                    "process(es), or start a new run with train.global_batch_size set"
+                )
         state.num_processes = processes.num_processes
         timings = state.timings
         timings["model_load_s"] = round(experiment.load_seconds, 3)

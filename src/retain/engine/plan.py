@@ -20,6 +20,10 @@ from retain.errors import RetainError
 from retain.evaluation.scoring import get_scorer
 from retain.methods.base import ContinualMethod
 from retain.methods.registry import create_method, resolved_settings
+from retain.models.adapters import select_layers
+from retain.models.loading import model_layer_count
+from retain.models.vision import is_image_text_model
+from retain.runtime import BatchLayout, batch_layout, launched_processes
 
 
 @dataclass
@@ -31,6 +35,7 @@ class Plan:
     method: ContinualMethod
     train_units: list[Task] = field(default_factory=list)  # what is trained: the tasks, or one joint task
     stream: Stream | None = None  # warnings and benchmark description for the report
+    batch: BatchLayout | None = None  # how a step's examples split over processes and accumulation
 
     @property
     def joint(self) -> bool:
@@ -67,7 +72,10 @@ def _digest(value: Any) -> str:
 
 def examples_digest(examples: list[Example]) -> str:
     """A content hash of examples in order: what the model is trained or tested on (messages, system)."""
-    return _digest([[e.messages, e.system] for e in examples])
+    # Images enter as written in the data (relative paths), so moving the data folder keeps the hash.
+    return _digest(
+        [[e.messages, e.system, *([e.meta.get("images", e.images)] if e.images else [])] for e in examples]
+    )
 
 
 def make_plan(config: RunConfig) -> Plan:
@@ -79,17 +87,40 @@ def make_plan(config: RunConfig) -> Plan:
         raise RetainError(
             f"method '{method.name}' does not support full fine-tuning; use finetuning_type: lora"
         )
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not method.supports_multiprocess:
+    processes = launched_processes()
+    if processes > 1 and not method.supports_multiprocess:
         raise RetainError(f"method '{method.name}' does not support more than one process yet")
+    batch = batch_layout(config.train, processes)
+    if config.model.finetuning_type == "lora" and config.model.lora_layers.strip() not in ("", "all"):
+        select_layers(config.model.lora_layers, model_layer_count(config.model.name_or_path))
     stream = load_stream(config)
     tasks = stream.tasks
+    check_images(config, tasks)
     for task in tasks:
         get_scorer(task.scorer)  # an unknown scorer name fails here, before anything trains
     units = tasks
     if method.joint_training:
         joint = [example for task in tasks for example in task.train]
         units = [Task(name="multitask", train=joint, test=[], scorer="exact")]
-    return Plan(config=config, tasks=tasks, method=method, train_units=units, stream=stream)
+    return Plan(config=config, tasks=tasks, method=method, train_units=units, stream=stream, batch=batch)
+
+
+def check_images(config: RunConfig, tasks: list[Task]) -> None:
+    """Data with images needs an image-text model; until images reach training and evaluation, refuse
+    them rather than train on the text alone."""
+    with_images = [t for t in tasks if any(e.images for e in t.train + t.test)]
+    if not with_images:
+        return
+    task, model = with_images[0], config.model.name_or_path
+    if os.path.isdir(model) and is_image_text_model(model):
+        raise RetainError(
+            f"task '{task.name}' has images: retain reads and checks them, but cannot yet train or evaluate "
+            "an image-text model on them; use text data for now"
+        )
+    raise RetainError(
+        f"task '{task.name}' has images, but model {model} is a text-only model; use an image-text model "
+        "(a local LLaVA, Qwen2-VL, SmolVLM, ... folder) or data without an images column"
+    )
 
 
 def check_encoding(plan: Plan, tokenizer) -> None:

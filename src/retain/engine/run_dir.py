@@ -248,11 +248,20 @@ class RunDir:
                 "wait for it to finish or choose another output_dir"
             ) from None
         handle.seek(0)
+        previous = handle.read()
+        handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))
         handle.flush()
         try:
             yield
+        except BaseException:
+            # A refused or failed start leaves the lock file as it found it (a run's files stay unchanged).
+            handle.seek(0)
+            handle.truncate()
+            handle.write(previous)
+            handle.flush()
+            raise
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
             handle.close()

@@ -15,6 +15,7 @@ per label: with two labels it is barely faster than generating, with ten it is s
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -38,7 +39,7 @@ def encode_choice(tokenizer: Any, example: Example, label: str) -> dict[str, lis
     the answers of a left-padded batch then all end in the last column.
     """
     messages = example.messages[:-1] + [{"role": "assistant", "content": label}]
-    answered = Example(messages, example.system, example.meta)
+    answered = replace(example, messages=messages)
     encoded = encode_example(tokenizer, answered, _NO_CUTOFF)
     ids, labels = encoded["input_ids"], encoded["labels"]
     end = max((k for k, token in enumerate(labels) if token != IGNORE_INDEX), default=-1) + 1

@@ -317,3 +317,9 @@ def sari(prediction: str, reference: str, *, source: str) -> float:
     first (sacrebleu's 13a tokenizer), so on raw text the two can differ slightly.
     """
     return sum(sari_operations(source, prediction, [reference])) / 3
+
+
+# The CoIN scorers live in their own module and register themselves on import; importing it here, after
+# `register_scorer` exists, makes them known wherever scorers are looked up by name. (vqa imports this module
+# back, which works from either side: by then this module has defined what vqa uses.)
+import retain.evaluation.vqa  # noqa: E402, F401

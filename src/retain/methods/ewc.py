@@ -1,7 +1,9 @@
 """Elastic Weight Consolidation, online form (Kirkpatrick et al., 2017; Schwarz et al., 2018).
 
 After task t: F <- gamma * F + F_t, with F_t the diagonal empirical Fisher E[(d log p(y|x) / d theta)^2]
-over `fisher_samples` training examples (one gradient per example), and theta* <- theta.
+over `fisher_samples` training examples (one gradient per example), and theta* <- theta. log p(y|x) is
+the answer's log-likelihood, the sum over its tokens, not the token mean the training loss uses: the
+mean would shrink F by the square of the answer length and make lambda depend on it.
 While training later tasks: L = L_task + lambda/2 * sum_i F_i (theta_i - theta*_i)^2, a penalty with a
 gradient lambda * F * (theta - theta*) that pulls every parameter back toward theta*.
 With several processes each rank estimates the Fisher on its share of the samples and the sums are
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from retain.data.batching import IGNORE_INDEX
 from retain.errors import RetainError
 from retain.methods.base import ContinualMethod, MethodContext
 from retain.methods.registry import register
@@ -45,8 +48,9 @@ class EWCConfig:
 def diagonal_fisher(
     ctx: MethodContext, examples: list, names: list[str] | None = None
 ) -> dict[str, torch.Tensor]:
-    """Mean squared per-example gradient of the training loss for the parameters `names` (default: every
-    trainable parameter); they need not be trainable any more (their flags are restored afterwards)."""
+    """Mean squared per-example gradient of the answer's log-likelihood (summed over its tokens) for the
+    parameters `names` (default: every trainable parameter); they need not be trainable any more (their
+    flags are restored afterwards)."""
     inner = unwrap(ctx.model)
     every = dict(inner.named_parameters())
     names = list(trainable_parameters(ctx.model)) if names is None else [n for n in names if n in every]
@@ -63,9 +67,10 @@ def diagonal_fisher(
         p.requires_grad_(True)
     for feature in features:
         batch = {k: v.to(ctx.device) for k, v in ctx.collate([feature]).items()}
-        loss = ctx.forward(ctx.model, batch).loss
+        outputs = ctx.forward(ctx.model, batch)
+        log_likelihood = outputs.loss * (outputs.labels != IGNORE_INDEX).sum()  # the loss is a token mean
         # autograd.grad leaves .grad untouched (and DDP's gradient hooks quiet).
-        grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+        grads = torch.autograd.grad(log_likelihood, [params[n] for n in names], allow_unused=True)
         for n, g in zip(names, grads, strict=True):
             if g is not None:
                 fisher[n] += g.detach().float() ** 2

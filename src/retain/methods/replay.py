@@ -10,7 +10,7 @@ of it (Chaudhry et al., 2019, "On Tiny Episodic Memories in Continual Learning")
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from retain.data.formats import Example
@@ -58,7 +58,7 @@ class Replay(ContinualMethod):
         n_replay = round(ratio / (1.0 - ratio) * len(data))
         replayed = draw_evenly(list(self.memory.values()), n_replay, self._rng(ctx, "draw"))
         ctx.log("replay/examples", len(replayed))
-        return data + [Example(e.messages, e.system, {**e.meta, "replayed_from": t}) for t, e in replayed]
+        return data + [replace(e, meta={**e.meta, "replayed_from": t}) for t, e in replayed]
 
     def after_task(self, ctx: MethodContext, task, data: list[Example]) -> None:
         own = [e for e in data if "replayed_from" not in e.meta]

@@ -14,13 +14,17 @@ from contextlib import contextmanager
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from retain.config import ModelConfig
+from retain.config import ModelConfig, parse_lora_layers
 from retain.errors import RetainError
+from retain.models.vision import is_image_text_model, language_linear_names, vlm_parts
 
 ADAPTER_ORDER = "adapters.json"
+# Base-model weights a LoRA run trains beside its adapters (an image-text model's projector or vision
+# tower), saved next to the adapters; absent for text models.
+BASE_WEIGHTS = "trainable_base.safetensors"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -31,30 +35,118 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def apply_finetuning(model: nn.Module, config: ModelConfig) -> nn.Module:
-    """LoRA through PEFT (rank, alpha, dropout, targets) or full fine-tuning (every parameter trainable)."""
+    """LoRA through PEFT (rank, alpha, dropout, targets) or full fine-tuning (every parameter trainable).
+
+    Image-text models (retain.models.vision): LoRA goes on the language model's linear layers only and
+    `lora_layers` counts its decoder layers; the vision tower is trained only without
+    `freeze_vision_tower` and the projector only with `train_projector` (their own weights, not LoRA).
+    """
+    if is_image_text_model(model):
+        return _apply_finetuning_image_text(model, config)
     if config.finetuning_type == "full":
         for param in model.parameters():
             param.requires_grad_(True)
         return model
     target = config.lora_target.strip()
-    targets: str | list[str] = (
-        "all-linear"
-        if target in ("all", "all-linear")
-        else [t.strip() for t in target.split(",") if t.strip()]
-    )
-    lora = LoraConfig(
-        r=config.lora_rank,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=targets,
-        task_type="CAUSAL_LM",
-    )
+    layers = lora_layer_indices(model, config.lora_layers)
+    targets: str | list[str]
+    if target not in ("all", "all-linear"):
+        targets = [t.strip() for t in target.split(",") if t.strip()]
+    elif layers is None:
+        targets = "all-linear"
+    else:  # PEFT takes layers_to_transform with a list of names only
+        targets = linear_module_names(model)
     try:
+        lora = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=targets,
+            layers_to_transform=layers,
+            task_type="CAUSAL_LM",
+        )
         return get_peft_model(model, lora)
     except ValueError as exc:
         raise RetainError(
-            f"config: model.lora_target '{config.lora_target}' does not fit this model: {exc}"
+            f"config: model.lora_target '{config.lora_target}' with model.lora_layers "
+            f"'{config.lora_layers}' does not fit this model: {exc}"
         ) from None
+
+
+def _apply_finetuning_image_text(model: nn.Module, config: ModelConfig) -> nn.Module:
+    parts = vlm_parts(model)
+    if config.finetuning_type == "lora":
+        layers = lora_layer_indices(model, config.lora_layers)
+        targets = language_linear_names(model, parts, layers)
+        target = config.lora_target.strip()
+        if target not in ("all", "all-linear"):
+            names = {t.strip() for t in target.split(",") if t.strip()}
+            targets = [name for name in targets if name.rsplit(".", 1)[-1] in names]
+        if not targets:
+            raise RetainError(
+                f"config: model.lora_target '{config.lora_target}' with model.lora_layers "
+                f"'{config.lora_layers}' names no linear layer of this model's language model"
+            )
+        lora = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=targets,  # full module names: the vision tower and projector never match
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)  # freezes every weight of the base model
+        params = dict(unwrap(model).get_base_model().named_parameters())
+    else:
+        params = dict(model.named_parameters())
+        for param in params.values():
+            param.requires_grad_(True)
+    # The projector lies inside the vision tower in Qwen2-VL: set the tower first, then the projector.
+    train = {"vision_tower": not config.freeze_vision_tower, "projector": config.train_projector}
+    for part, trainable in train.items():
+        for name, param in params.items():
+            if parts.owns(name, part):
+                param.requires_grad_(trainable)
+    return model
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """The names of the linear layers `all-linear` means: every nn.Linear but the output layer."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and module is not output
+        }
+    )
+
+
+def lora_layer_indices(model: nn.Module, spec: str) -> list[int] | None:
+    """The decoder layers `model.lora_layers` names on this model (None: all of them); for an image-text
+    model, the language model's."""
+    config = getattr(model, "config", None)
+    if is_image_text_model(model):  # the language model's layers
+        config = config.get_text_config()
+    count = getattr(config, "num_hidden_layers", None)
+    return select_layers(spec, count if isinstance(count, int) else None)
+
+
+def select_layers(spec: str, count: int | None) -> list[int] | None:
+    """`model.lora_layers` resolved for a model of `count` decoder layers (None: all of them)."""
+    selection = parse_lora_layers(spec)
+    if selection is None:
+        return None
+    if count is None:
+        raise RetainError(
+            f"config: model.lora_layers '{spec}' needs a model whose config has num_hidden_layers; use all"
+        )
+    indices = list(range(count - selection, count)) if isinstance(selection, int) else selection
+    if min(indices) < 0 or max(indices) >= count:
+        raise RetainError(
+            f"config: model.lora_layers '{spec}' names layers this model lacks: "
+            f"it has {count} (0 to {count - 1})"
+        )
+    return indices
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -80,6 +172,9 @@ def save_trainable(model: nn.Module, path: str) -> None:
         # LoRA deltas are summed in adapter order: keep it, so a resumed run sums them identically.
         with open(os.path.join(path, ADAPTER_ORDER), "w", encoding="utf-8") as handle:
             json.dump({"adapters": list(model.peft_config), "active": list(model.active_adapters)}, handle)
+        base = _trainable_base(model)
+        if base:
+            save_file({n: p.detach().contiguous() for n, p in base.items()}, os.path.join(path, BASE_WEIGHTS))
     else:
         model.save_pretrained(path)
 
@@ -116,6 +211,7 @@ def load_trainable(model: nn.Module, path: str) -> None:
             )
         keep = [n for n in active if n in model.peft_config] or [next(iter(model.peft_config))]
         model.base_model.set_adapter(keep)
+        _load_trainable_base(model, path)
         return
     file = os.path.join(path, "model.safetensors")
     if not os.path.isfile(file):
@@ -126,6 +222,35 @@ def load_trainable(model: nn.Module, path: str) -> None:
         raise RetainError(
             f"checkpoint {path} does not match the model (missing {missing[:3]}, extra {unexpected[:3]})"
         )
+
+
+def _trainable_base(model: PeftModel) -> dict[str, nn.Parameter]:
+    """The trainable parameters of a PEFT model that belong to no adapter (the projector of an image-text
+    model with model.train_projector), by their names in the PeftModel."""
+    return {
+        name: p
+        for name, p in model.named_parameters()
+        if p.requires_grad and "lora_" not in name and "modules_to_save" not in name
+    }
+
+
+def _load_trainable_base(model: PeftModel, path: str) -> None:
+    base = _trainable_base(model)
+    file = os.path.join(path, BASE_WEIGHTS)
+    if not os.path.isfile(file):
+        if base:
+            raise RetainError(
+                f"checkpoint {path} has no {BASE_WEIGHTS}, but the model trains base weights beside its "
+                f"adapters ({next(iter(base))}, ...); was it written with other model settings?"
+            )
+        return
+    saved = load_file(file)
+    params = dict(model.named_parameters())
+    if set(saved) - set(params):
+        raise RetainError(f"checkpoint {path}: {BASE_WEIGHTS} does not match the model ({sorted(saved)[:3]})")
+    with torch.no_grad():
+        for name, value in saved.items():
+            params[name].copy_(value)
 
 
 # --- several adapters (O-LoRA, LCIA, ConPET, ...): built on PEFT's multi-adapter API -----------------

@@ -3,7 +3,9 @@ with substituted weights.
 
 The forward applies the LM head only to the final window of positions that holds responses (batches
 are left-padded, so responses line up at the end), via transformers' `logits_to_keep`; it goes through
-the model's own forward, so DDP, PEFT and any Hugging Face causal LM work unchanged.
+the model's own forward, so DDP, PEFT and any Hugging Face causal LM work unchanged. A batch of an
+image-text model also holds the processor's image inputs (pixel_values, image_sizes, image_grid_thw,
+pixel_attention_mask: retain.models.vision.IMAGE_INPUT_KEYS); every forward here passes them on.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch.func import functional_call
 
 from retain.data.batching import IGNORE_INDEX
 from retain.models.adapters import unwrap
+from retain.models.vision import image_inputs
 
 
 @dataclass
@@ -32,6 +35,21 @@ class StepOutputs:
     logits: torch.Tensor
     labels: torch.Tensor
     keep: int  # number of final positions the logits cover (pass as logits_to_keep to reproduce them)
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+    """The model's inputs from a collated batch: the token ids, mask and positions, plus any image inputs.
+
+    Qwen2-VL's rotary positions are 3-D (time, height, width) over the image tokens: with
+    image_grid_thw in the batch the model derives them itself from the ids and the attention mask.
+    """
+    images = image_inputs(batch)
+    return {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "position_ids": None if "image_grid_thw" in images else batch["position_ids"],
+        **images,
+    }
 
 
 def response_window(labels: torch.Tensor) -> int:
@@ -49,9 +67,7 @@ def _response_forward(
     labels = batch["labels"]
     keep = keep or response_window(labels)
     out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
+        **model_inputs(batch),
         logits_to_keep=keep,
         use_cache=False,
         output_hidden_states=output_hidden_states,
@@ -82,12 +98,7 @@ def response_forward_with_hidden(
 def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """Every layer's hidden states for a collated batch (embeddings first), with only one logit computed."""
     return model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        output_hidden_states=True,
-        logits_to_keep=1,
-        use_cache=False,
+        **model_inputs(batch), output_hidden_states=True, logits_to_keep=1, use_cache=False
     ).hidden_states
 
 
@@ -107,9 +118,7 @@ def forward_with_weights(
         weights,
         args=(),
         kwargs={
-            "input_ids": batch["input_ids"],
-            "attention_mask": batch["attention_mask"],
-            "position_ids": batch["position_ids"],
+            **model_inputs(batch),
             "logits_to_keep": keep,
             "use_cache": False,
             "output_hidden_states": output_hidden_states,

@@ -5,24 +5,31 @@ Built-in names:
   load dequantizes it (~15 s) and caches safetensors under the user's cache directory; later loads read
   the cache (well under a second).
 - ``tiny-random``: a 2-layer random Llama with a byte-level tokenizer (retain.models.tiny), for tests.
+
+A local folder holding an image-text model (LLaVA, Qwen2-VL, SmolVLM, ...: retain.models.vision) loads
+with AutoModelForImageTextToText and its processor; `load_model` returns the processor's tokenizer as
+the tokenizer and the processor itself as `LoadInfo.processor`.
 """
 
 from __future__ import annotations
 
 import fcntl
 import importlib.util
+import json
 import logging
 import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from retain.errors import RetainError
-from retain.models.tiny import tiny_model, tiny_tokenizer
+from retain.models.tiny import TINY_LAYERS, tiny_model, tiny_tokenizer
+from retain.models.vision import is_image_text_model, load_image_text_model, text_layer_count
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +48,9 @@ class LoadInfo:
     source: str
     seconds: float
     cache_hit: bool | None = None
+    # An image-text model's processor (image processor + tokenizer; None for text models): it turns
+    # images into the batch's pixel_values etc. and expands each image token in the text.
+    processor: Any = None
 
 
 def cache_dir() -> str:
@@ -141,10 +151,26 @@ def _from_pretrained(loader, path: str, what: str, **kwargs):
         raise RetainError(f"model directory {path}: cannot load its {what} ({first})") from None
 
 
+def model_layer_count(name_or_path: str) -> int | None:
+    """The number of decoder layers from the model's config, without loading weights (None: unknown)."""
+    if name_or_path == "tiny-random":
+        return TINY_LAYERS
+    path = resolve_builtin(name_or_path)[0] if name_or_path in GGUF_MODELS else _local_dir(name_or_path)
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    if is_image_text_model(config):  # the language model's layers, not the vision tower's
+        return text_layer_count(config)
+    count = config.get("num_hidden_layers", config.get("text_config", {}).get("num_hidden_layers"))
+    return count if isinstance(count, int) else None
+
+
 def load_model(name_or_path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, LoadInfo]:
     """Load the model (fp32) and tokenizer; returns how long it took and whether a cache was used."""
     start = time.perf_counter()
-    cache_hit = None
+    cache_hit = processor = None
     if name_or_path == "tiny-random":
         tokenizer = load_tokenizer(name_or_path)
         model = tiny_model(tokenizer)
@@ -153,12 +179,22 @@ def load_model(name_or_path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerB
             path, cache_hit = resolve_builtin(name_or_path)
         else:
             path = _local_dir(name_or_path)
-        tokenizer = load_tokenizer(path)
-        model = _from_pretrained(AutoModelForCausalLM, path, "model", dtype=torch.float32)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+        if is_image_text_model(path):
+            model, processor = load_image_text_model(path)
+            tokenizer = processor.tokenizer
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.eos_token
+        else:
+            tokenizer = load_tokenizer(path)
+            model = _from_pretrained(AutoModelForCausalLM, path, "model", dtype=torch.float32)
+    # an image-text model's config keeps the token ids in its text_config
+    config = model.config if processor is None else model.config.get_text_config()
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    info = LoadInfo(source=name_or_path, seconds=time.perf_counter() - start, cache_hit=cache_hit)
+    info = LoadInfo(
+        source=name_or_path, seconds=time.perf_counter() - start, cache_hit=cache_hit, processor=processor
+    )
     logger.info("loaded %s in %.2fs (cache hit: %s)", name_or_path, info.seconds, cache_hit)
     return model, tokenizer, info
