@@ -91,6 +91,10 @@ class TaskConfig:
 @dataclass
 class StreamConfig:
     dataset_dir: str = field(default="", metadata={"help": "folder holding dataset_info.json"})
+    image_dir: str = field(
+        default="",
+        metadata={"help": "folder relative image paths resolve against (default: the data's own folder)"},
+    )
     train_size: int | None = field(default=None, metadata={"help": "default training examples per task"})
     test_size: int | None = field(default=None, metadata={"help": "default test examples per task"})
     system: str = field(
@@ -213,6 +217,7 @@ FLAT_ALIASES: dict[str, str] = {
     "warmup_ratio": "train.warmup_ratio",
     "bf16": "train.bf16",
     "dataset_dir": "stream.dataset_dir",
+    "image_dir": "stream.image_dir",
     "tasks": "stream.tasks",
     "train_size": "stream.train_size",
     "test_size": "stream.test_size",
@@ -435,13 +440,13 @@ def fill_output_dir(config: RunConfig, name: str) -> str:
 def load_config(path: str, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config file, apply `key=value` overrides and validate the result.
 
-    Relative paths (model, dataset_dir, benchmark_dir, task files, output_dir) resolve against the
-    current directory, as in LLaMA-Factory; a folder that exists only beside the config is reported.
+    Relative paths (model, dataset_dir, image_dir, benchmark_dir, task files, output_dir) resolve against
+    the current directory, as in LLaMA-Factory; a folder that exists only beside the config is reported.
     """
     name = os.path.splitext(os.path.basename(path))[0] or "run"
     config = config_from_dict(read_yaml(path), source=path, overrides=overrides, name=name)
     base = os.path.dirname(os.path.abspath(path))
-    for key in ("dataset_dir", "benchmark_dir"):
+    for key in ("dataset_dir", "image_dir", "benchmark_dir"):
         folder = getattr(config.stream, key)
         if folder and not os.path.isabs(folder) and not os.path.isdir(folder):
             beside = os.path.join(base, folder)

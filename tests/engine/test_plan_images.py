@@ -1,5 +1,5 @@
-"""Data with images: refused on a text model, and (until images reach training) on an image-text model,
-before anything is written."""
+"""Data with images: refused on a text model before anything is written, planned on an image-text model;
+stream.image_dir is where relative image paths resolve from."""
 
 from __future__ import annotations
 
@@ -32,13 +32,29 @@ def test_images_on_a_text_model_are_refused_naming_the_task(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_images_on_an_image_text_model_are_refused_until_they_reach_the_model(tmp_path):
-    folder = tmp_path / "vlm"
+def _vlm(folder) -> str:
     tiny_vlm().save_pretrained(folder)
     tiny_vlm_processor().save_pretrained(folder)
-    raw = {"model": {"name_or_path": str(folder)}, "stream": {"tasks": [_image_data(tmp_path)]}}
-    with pytest.raises(RetainError, match="cannot yet train or evaluate an image-text model"):
-        make_plan(config_from_dict(raw))
+    return str(folder)
+
+
+def test_images_on_an_image_text_model_are_planned(tmp_path):
+    raw = {"model": {"name_or_path": _vlm(tmp_path / "vlm")}, "stream": {"tasks": [_image_data(tmp_path)]}}
+    plan = make_plan(config_from_dict(raw))
+    assert plan.tasks[0].test[0].images == [str(tmp_path / "red.png")]
+
+
+def test_image_dir_resolves_relative_image_paths_from_the_current_directory(tmp_path, monkeypatch):
+    task = _image_data(tmp_path)
+    (tmp_path / "pictures").mkdir()
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "pictures" / "red.png")  # another file, same name
+    monkeypatch.chdir(tmp_path)
+    raw = {
+        "model": {"name_or_path": _vlm(tmp_path / "vlm")},
+        "stream": {"tasks": [task], "image_dir": "pictures"},
+    }
+    plan = make_plan(config_from_dict(raw))
+    assert plan.tasks[0].train[0].images == [str(tmp_path / "pictures" / "red.png")]
 
 
 def test_text_data_is_unaffected(tmp_path):
@@ -48,3 +64,14 @@ def test_text_data_is_unaffected(tmp_path):
         )
     )
     assert plan.tasks[0].name == "parity"
+
+
+@pytest.mark.parametrize("method", ["lamol", "ssr", "pseudo_replay"])
+def test_methods_that_write_text_only_pseudo_samples_refuse_image_data(tmp_path, method):
+    raw = {
+        "model": {"name_or_path": "tiny-random"},
+        "method": {"name": method},
+        "stream": {"tasks": [_image_data(tmp_path)]},
+    }
+    with pytest.raises(RetainError, match=f"method '{method}' writes text-only pseudo samples"):
+        make_plan(config_from_dict(raw))

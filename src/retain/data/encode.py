@@ -4,6 +4,12 @@ The conversation is rendered prefix by prefix (messages[:i] with the generation 
 so the text of each assistant turn is an exact difference of two renders and each segment is tokenized on
 its own: turn boundaries are exact whatever the template, and `encode_prompt` gives the very same ids as
 the prompt part of `encode_example`, so evaluation sees what training saw.
+
+An example with images is encoded with the image-text model's processor: each `<image>` placeholder is
+rendered as the processor's image token, and every segment holding image tokens goes through the
+processor with its images (loaded as RGB), which expands each image token to the model's image tokens
+and returns the image inputs (pixel_values, ...). Image tokens never carry a label. Text examples are
+encoded by the tokenizer alone, exactly as without a processor.
 """
 
 from __future__ import annotations
@@ -12,10 +18,12 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from jinja2 import TemplateError
 
-from retain.data.batching import IGNORE_INDEX
+from retain.data.batching import IGNORE_INDEX, PER_TOKEN_KEYS
 from retain.data.formats import Example
+from retain.data.images import IMAGE_PLACEHOLDER, load_image
 from retain.errors import RetainError
 
 # The template of tokenizers that bring none (SmolLM2's ChatML, which the tiny test tokenizer also uses).
@@ -99,9 +107,116 @@ def _check(example: Example) -> None:
         )
 
 
-def _encode_full(tokenizer: Any, example: Example) -> tuple[list[int], list[int], int]:
-    """(input_ids, labels, prompt_len) without truncation; prompt_len counts tokens before the last answer."""
+def _where(example: Example, source: str | None = None) -> str:
+    where = source or example.meta.get("source", "dataset")
+    return f"{where}: example {example.meta.get('index', '?')}"
+
+
+def image_token(processor: Any) -> str:
+    """The text of one image in the processor's prompts (`<image>` for LLaVA and SmolVLM)."""
+    return getattr(processor, "image_token", None) or IMAGE_PLACEHOLDER
+
+
+def image_token_ids(processor: Any) -> set[int]:
+    """The token ids the processor expands an image into (the image token's id)."""
+    if processor is None:
+        return set()
+    ids = {processor.tokenizer.convert_tokens_to_ids(image_token(processor))}
+    if getattr(processor, "image_token_id", None) is not None:
+        ids.add(int(processor.image_token_id))
+    return ids
+
+
+def _image_pieces(
+    tokenizer: Any, processor: Any, example: Example, messages: list[dict[str, str]], generation_prompt: bool
+) -> list[tuple[list[int], bool, dict[str, Any]]]:
+    """(ids, is_assistant_turn, image inputs) per segment of an example with images; segments with image
+    tokens go through the processor with their images (in the order of `example.images`)."""
+    if processor is None:
+        raise RetainError(
+            f"{_where(example)} has images, but the model has no image processor; use an image-text "
+            "model (a local LLaVA, Qwen2-VL, SmolVLM, ... folder) or data without images"
+        )
+    token = image_token(processor)
+    if token != IMAGE_PLACEHOLDER:
+        messages = [{**m, "content": m["content"].replace(IMAGE_PLACEHOLDER, token)} for m in messages]
+    pending = list(example.images)
+    pieces = []
+    for text, learned in _segments(tokenizer, messages, generation_prompt):
+        count = text.count(token)
+        if not count:
+            pieces.append((_tokenize(tokenizer, text), learned, {}))
+            continue
+        if count > len(pending):
+            raise RetainError(
+                f"{_where(example)}: the rendered conversation holds more image tokens ({token}) than the "
+                f"example has images ({len(example.images)}); does the chat template write {token} itself?"
+            )
+        paths, pending = pending[:count], pending[count:]
+        inputs = processor(
+            text=[text],
+            images=[load_image(path) for path in paths],
+            return_tensors="pt",
+            add_special_tokens=False,
+        )
+        extras = {
+            key: value
+            for key, value in inputs.items()
+            if key not in ("input_ids", "attention_mask", "token_type_ids") and value is not None
+        }
+        pieces.append((inputs["input_ids"][0].tolist(), learned, extras))
+    if pending and messages[-1]["role"] == "assistant":  # the whole conversation: every image is used
+        raise RetainError(
+            f"{_where(example)}: the rendered conversation holds fewer image tokens ({token}) than the "
+            f"example has images ({len(example.images)}); does the chat template drop {token}?"
+        )
+    return pieces
+
+
+def _assemble(
+    tokenizer: Any, pieces: list[tuple[list[int], bool, dict[str, Any]]], image_ids: set[int]
+) -> tuple[list[int], list[int], int, dict[str, Any]]:
+    """(input_ids, labels, prompt_len, image inputs) of the segments in order; no label on image tokens."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    prompt_len = 0
+    per_token: dict[str, list[tuple[int, list[int]]]] = {}
+    per_image: dict[str, list[torch.Tensor]] = {}
+    for ids, learned, extras in pieces:
+        if learned:
+            prompt_len = len(input_ids)
+            labels += [
+                IGNORE_INDEX if token in image_ids else label
+                for token, label in zip(ids, _assistant_labels(tokenizer, ids), strict=True)
+            ]
+        else:
+            labels += [IGNORE_INDEX] * len(ids)
+        for key, value in extras.items():
+            if key in PER_TOKEN_KEYS:
+                per_token.setdefault(key, []).append((len(input_ids), torch.as_tensor(value)[0].tolist()))
+            else:
+                per_image.setdefault(key, []).append(torch.as_tensor(value))
+        input_ids += ids
+    images: dict[str, Any] = {}
+    for key, spans in per_token.items():
+        values = [0] * len(input_ids)
+        for start, span in spans:
+            values[start : start + len(span)] = span
+        images[key] = values
+    for key, tensors in per_image.items():
+        images[key] = torch.cat(tensors, dim=0)
+    return input_ids, labels, prompt_len, images
+
+
+def _encode_full(
+    tokenizer: Any, example: Example, processor: Any = None
+) -> tuple[list[int], list[int], int, dict[str, Any]]:
+    """(input_ids, labels, prompt_len, image inputs) without truncation; prompt_len counts tokens before the
+    last answer; the image inputs are empty for a text example."""
     _check(example)
+    if example.images:
+        pieces = _image_pieces(tokenizer, processor, example, example.chat_messages, False)
+        return _assemble(tokenizer, pieces, image_token_ids(processor))
     input_ids: list[int] = []
     labels: list[int] = []
     prompt_len = 0
@@ -113,7 +228,27 @@ def _encode_full(tokenizer: Any, example: Example) -> tuple[list[int], list[int]
         else:
             labels += [IGNORE_INDEX] * len(ids)
         input_ids += ids
-    return input_ids, labels, prompt_len
+    return input_ids, labels, prompt_len, {}
+
+
+def _truncate(
+    encoded: tuple[list[int], list[int], int, dict[str, Any]], cutoff_len: int, processor: Any, where: str
+) -> dict[str, Any]:
+    """The feature of one example cut to `cutoff_len` tokens; refused when the cut would split images."""
+    input_ids, labels, _, images = encoded
+    if images and image_token_ids(processor) & set(input_ids[cutoff_len:]):
+        raise RetainError(
+            f"{where}: cutoff_len={cutoff_len} would cut its image tokens (the example is {len(input_ids)} "
+            f"tokens with its images); raise cutoff_len to {len(input_ids)} or more, or shorten the example"
+        )
+    feature: dict[str, Any] = {
+        "input_ids": input_ids[:cutoff_len],
+        "labels": labels[:cutoff_len],
+        "attention_mask": [1] * len(input_ids[:cutoff_len]),
+    }
+    for key, value in images.items():
+        feature[key] = value[:cutoff_len] if key in PER_TOKEN_KEYS else value
+    return feature
 
 
 def _too_long(cutoff_len: int, prompt_len: int, where: str) -> RetainError:
@@ -124,18 +259,19 @@ def _too_long(cutoff_len: int, prompt_len: int, where: str) -> RetainError:
 
 
 def encode_example(
-    tokenizer: Any, example: Example, cutoff_len: int, source: str | None = None
-) -> dict[str, list[int]]:
-    """Token ids, labels (-100 outside assistant turns) and attention mask, tail-truncated to cutoff_len.
+    tokenizer: Any, example: Example, cutoff_len: int, source: str | None = None, processor: Any = None
+) -> dict[str, Any]:
+    """Token ids, labels (-100 outside assistant turns) and attention mask, tail-truncated to cutoff_len;
+    for an example with images, also the processor's image inputs (pixel_values, ...).
 
-    Raises RetainError when the prompt alone fills cutoff_len (truncating it would train on no answer).
+    Raises RetainError when the prompt alone fills cutoff_len (truncating it would train on no answer), or
+    when the cut would fall after an image token.
     """
-    input_ids, labels, prompt_len = _encode_full(tokenizer, example)
-    if prompt_len >= cutoff_len:
-        where = source or example.meta.get("source", "dataset")
-        raise _too_long(cutoff_len, prompt_len, f"{where}: example {example.meta.get('index', '?')}")
-    input_ids, labels = input_ids[:cutoff_len], labels[:cutoff_len]
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": [1] * len(input_ids)}
+    encoded = _encode_full(tokenizer, example, processor)
+    where = _where(example, source)
+    if encoded[2] >= cutoff_len:
+        raise _too_long(cutoff_len, encoded[2], where)
+    return _truncate(encoded, cutoff_len, processor, where)
 
 
 def render_prompt(tokenizer: Any, example: Example) -> str:
@@ -145,27 +281,38 @@ def render_prompt(tokenizer: Any, example: Example) -> str:
     )
 
 
-def encode_prompt(tokenizer: Any, example: Example) -> list[int]:
-    """Token ids of the generation prompt, identical to the prompt part of `encode_example`'s input_ids."""
+def encode_prompt_inputs(tokenizer: Any, example: Example, processor: Any = None) -> dict[str, Any]:
+    """The generation prompt's input_ids (identical to the prompt part of `encode_example`'s) and, for an
+    example with images, the image inputs of the images in the prompt."""
+    if example.images:
+        pieces = _image_pieces(tokenizer, processor, example, example.prompt_messages, True)
+        input_ids, _, _, images = _assemble(tokenizer, pieces, image_token_ids(processor))
+        return {"input_ids": input_ids, **images}
     ids: list[int] = []
     for text, _ in _segments(tokenizer, example.prompt_messages, add_generation_prompt=True):
         ids += _tokenize(tokenizer, text)
-    return ids
+    return {"input_ids": ids}
+
+
+def encode_prompt(tokenizer: Any, example: Example, processor: Any = None) -> list[int]:
+    """Token ids of the generation prompt, identical to the prompt part of `encode_example`'s input_ids."""
+    return encode_prompt_inputs(tokenizer, example, processor)["input_ids"]
 
 
 def encode_dataset(
-    tokenizer: Any, examples: Sequence[Example], cutoff_len: int, source: str
-) -> list[dict[str, list[int]]]:
-    """Encode every example; if any prompt fills cutoff_len, raise once, saying how many and the longest."""
+    tokenizer: Any, examples: Sequence[Example], cutoff_len: int, source: str, processor: Any = None
+) -> list[dict[str, Any]]:
+    """Encode every example (with `processor`, the image-text model's, for examples with images); if any
+    prompt fills cutoff_len, raise once, saying how many and the longest."""
     encoded = []
     too_long: list[tuple[int, int]] = []
     for position, example in enumerate(examples):
-        input_ids, labels, prompt_len = _encode_full(tokenizer, example)
-        if prompt_len >= cutoff_len:
-            too_long.append((example.meta.get("index", position), prompt_len))
+        full = _encode_full(tokenizer, example, processor)
+        if full[2] >= cutoff_len:
+            too_long.append((example.meta.get("index", position), full[2]))
             continue
-        input_ids, labels = input_ids[:cutoff_len], labels[:cutoff_len]
-        encoded.append({"input_ids": input_ids, "labels": labels, "attention_mask": [1] * len(input_ids)})
+        where = f"{source}: example {example.meta.get('index', position)}"
+        encoded.append(_truncate(full, cutoff_len, processor, where))
     if too_long:
         longest = max(length for _, length in too_long)
         raise RetainError(

@@ -111,3 +111,11 @@ def resolve_images(
             )
         resolved.append(path)
     return resolved
+
+
+def load_image(path: str) -> Any:
+    """The image at `path` as an RGB PIL image, read into memory (the file is closed on return)."""
+    if Image is None:
+        raise RetainError(f"reading the image {path} needs Pillow; install it with: pip install pillow")
+    with Image.open(path) as image:
+        return image.convert("RGB")

@@ -58,11 +58,13 @@ def subsample(examples: list[Example], n: int | None, seed: int, what: str) -> l
     return [examples[i] for i in keep]
 
 
-def _load_spec(spec: str, dataset_dir: str | None, n: int | None, seed: int, split: str) -> list[Example]:
+def _load_spec(
+    spec: str, dataset_dir: str | None, n: int | None, seed: int, split: str, image_dir: str | None = None
+) -> list[Example]:
     if spec.startswith(SYNTHETIC_PREFIX):
         default = DEFAULT_SYNTHETIC_TRAIN if split == "train" else DEFAULT_SYNTHETIC_TEST
         return load_synthetic(spec, n or default, seed, split)
-    return load_examples(spec, dataset_dir or None)
+    return load_examples(spec, dataset_dir or None, image_dir or None)
 
 
 def _with_system(examples: list[Example], system: str) -> list[Example]:
@@ -114,11 +116,12 @@ def finish_task(
 def build_task(cfg: TaskConfig, run: RunConfig) -> Task:
     """Load, split, check and subsample one task's data."""
     dataset_dir = run.stream.dataset_dir or None
+    image_dir = run.stream.image_dir or None
     synthetic = cfg.train.startswith(SYNTHETIC_PREFIX)
-    train = _load_spec(cfg.train, dataset_dir, cfg.train_size, run.seed, "train")
+    train = _load_spec(cfg.train, dataset_dir, cfg.train_size, run.seed, "train", image_dir)
     notes: list[str] = []
     if cfg.test:
-        test = _load_spec(cfg.test, dataset_dir, cfg.test_size, run.seed, "test")
+        test = _load_spec(cfg.test, dataset_dir, cfg.test_size, run.seed, "test", image_dir)
     elif synthetic:
         test = _load_spec(cfg.train, dataset_dir, cfg.test_size, run.seed, "test")
     else:

@@ -228,3 +228,8 @@ def _max_number(rng: random.Random) -> tuple[str, str, dict[str, Any]]:
     numbers = [rng.randint(0, 99) for _ in range(rng.randint(3, 5))]
     prompt = f"Which is the largest: {', '.join(map(str, numbers))}? Answer with the number only."
     return prompt, str(max(numbers)), {"numbers": numbers}
+
+
+# The visual tasks (pictures drawn with Pillow) register themselves in SYNTHETIC_TASKS on import; last, as
+# they build on this module's SyntheticTask.
+from retain.data import synthetic_visual  # noqa: E402, F401

@@ -6,6 +6,9 @@ a routed method) answers each prompt; evaluation/ only generates, ranks and scor
 With `eval.mode: generate` every task's test prompts are answered by greedy generation. With
 `eval.mode: rank`, a task with a label set (`Task.labels`) is answered by ranking its labels by
 log-likelihood instead (retain.evaluation.rank); tasks without labels are still generated.
+
+With an image-text model (`ctx.processor`), each prompt's images go to the model with it in both modes,
+and each prediction record names its prompt's images.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from retain.data.encode import encode_prompt
+from retain.data.batching import TEXT_KEYS
+from retain.data.encode import encode_prompt_inputs
 from retain.evaluation.generate import generate
 from retain.evaluation.rank import rank_labels
 from retain.evaluation.scoring import needs_source, score
@@ -47,11 +51,21 @@ def _by_route(
 
 
 def _generated(ctx: MethodContext, task, row: int, **generation: Any) -> Answerer[str]:
-    prompts = [encode_prompt(ctx.tokenizer, example) for example in task.test]
+    inputs = [encode_prompt_inputs(ctx.tokenizer, example, ctx.processor) for example in task.test]
+    prompts = [item["input_ids"] for item in inputs]
+    images = [{key: value for key, value in item.items() if key not in TEXT_KEYS} for item in inputs]
+    with_images = any(images)
 
     def answer(model: nn.Module, members: list[int], suffix: str) -> list[str]:
         desc = f"eval row {row}: {task.name}{suffix}"
-        return generate(model, ctx.tokenizer, [prompts[i] for i in members], desc=desc, **generation)
+        return generate(
+            model,
+            ctx.tokenizer,
+            [prompts[i] for i in members],
+            desc=desc,
+            images=[images[i] for i in members] if with_images else None,
+            **generation,
+        )
 
     return answer
 
@@ -67,6 +81,7 @@ def _ranked(
             labels,
             batch_size=batch_size,
             desc=f"eval row {row}: {task.name}{suffix} (rank)",
+            processor=ctx.processor,
         )
         return list(zip(chosen, scores, strict=True))
 
@@ -111,6 +126,7 @@ def evaluate_row(
             scores.append(value)
             record: dict[str, Any] = {
                 "prompt": example.prompt_messages,
+                **({"images": example.images} if example.images else {}),
                 "prediction": prediction,
                 "reference": example.reference,
                 "score": value,

@@ -28,7 +28,7 @@ from retain.errors import RetainError
 from retain.evaluation.report import build_results, write_report
 from retain.methods.base import MethodContext
 from retain.models.adapters import adapter_names, apply_finetuning
-from retain.models.loading import load_model, load_tokenizer
+from retain.models.loading import load_encoders, load_model
 from retain.runtime import BatchLayout, batch_layout, process_state, use_bf16
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ class Experiment:
         set_seed(self.config.seed)
         self.model = apply_finetuning(model, self.config.model)
         self.tokenizer = tokenizer
+        self.processor = info.processor  # None for a text model
         self.load_seconds = info.seconds
         self.model_cache_hit = info.cache_hit
         self.ctx = MethodContext.create(
@@ -92,6 +93,7 @@ class Experiment:
             rank=self.processes.process_index,
             world_size=self.processes.num_processes,
             bf16=use_bf16(self.config),
+            processor=info.processor,
         )
         self.method.setup(self.ctx)
         self.loaded = 0  # which unit's end state the model and method hold (0: before training)
@@ -128,7 +130,11 @@ class Experiment:
         self.method.before_task(self.ctx, unit)
         data = self.method.training_data(self.ctx, unit, unit.train)
         features = encode_dataset(
-            self.tokenizer, data, self.config.train.cutoff_len, source=f"task '{unit.name}'"
+            self.tokenizer,
+            data,
+            self.config.train.cutoff_len,
+            source=f"task '{unit.name}'",
+            processor=self.processor,
         )
         trainer = ContinualTrainer(
             model=self.model,
@@ -213,7 +219,7 @@ def run_experiment(config: RunConfig, *, train: bool = True, evaluate: bool = Tr
     """Run (or resume) the whole stream; returns results.json's content when evaluation ran."""
     wall = time.perf_counter()
     plan = make_plan(config)
-    check_encoding(plan, load_tokenizer(config.model.name_or_path))
+    check_encoding(plan, *load_encoders(config.model.name_or_path))
     run_dir = RunDir(config.output_dir)
     fingerprints = plan.fingerprints()
     run_dir.check_not_foreign()  # before a lock file is put into someone else's folder

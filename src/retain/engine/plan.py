@@ -95,7 +95,7 @@ def make_plan(config: RunConfig) -> Plan:
         select_layers(config.model.lora_layers, model_layer_count(config.model.name_or_path))
     stream = load_stream(config)
     tasks = stream.tasks
-    check_images(config, tasks)
+    check_images(config, tasks, method)
     for task in tasks:
         get_scorer(task.scorer)  # an unknown scorer name fails here, before anything trains
     units = tasks
@@ -105,27 +105,34 @@ def make_plan(config: RunConfig) -> Plan:
     return Plan(config=config, tasks=tasks, method=method, train_units=units, stream=stream, batch=batch)
 
 
-def check_images(config: RunConfig, tasks: list[Task]) -> None:
-    """Data with images needs an image-text model; until images reach training and evaluation, refuse
-    them rather than train on the text alone."""
+def check_images(config: RunConfig, tasks: list[Task], method: ContinualMethod) -> None:
+    """Data with images needs an image-text model (its processor turns the images into model inputs);
+    on a text-only model it is refused rather than trained on the text alone."""
     with_images = [t for t in tasks if any(e.images for e in t.train + t.test)]
     if not with_images:
         return
     task, model = with_images[0], config.model.name_or_path
-    if os.path.isdir(model) and is_image_text_model(model):
+    if not method.supports_images:
         raise RetainError(
-            f"task '{task.name}' has images: retain reads and checks them, but cannot yet train or evaluate "
-            "an image-text model on them; use text data for now"
+            f"task '{task.name}' has images, and method '{method.name}' writes text-only pseudo samples; "
+            "use a method that rehearses real examples (replay, ...) for image data"
         )
+    if os.path.isdir(model) and is_image_text_model(model):
+        return
     raise RetainError(
         f"task '{task.name}' has images, but model {model} is a text-only model; use an image-text model "
         "(a local LLaVA, Qwen2-VL, SmolVLM, ... folder) or data without an images column"
     )
 
 
-def check_encoding(plan: Plan, tokenizer) -> None:
-    """Encode every training set once so cutoff problems surface before anything is written."""
+def check_encoding(plan: Plan, tokenizer, processor=None) -> None:
+    """Encode every training set once (with the image-text model's processor for examples with images) so
+    cutoff problems surface before anything is written."""
     for task in plan.tasks:
         encode_dataset(
-            tokenizer, task.train, plan.config.train.cutoff_len, source=f"task '{task.name}' (train)"
+            tokenizer,
+            task.train,
+            plan.config.train.cutoff_len,
+            source=f"task '{task.name}' (train)",
+            processor=processor,
         )

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from retain.data.batching import image_batch
 from retain.errors import RetainError
 from retain.evaluation.scoring import clean_prediction
 
@@ -97,6 +98,7 @@ def generate(
     top_p: float | None = None,
     repetition_penalty: float | None = None,
     seed: int | None = None,
+    images: Sequence[dict[str, Any]] | None = None,
 ) -> list[str]:
     """Answers to tokenized prompts, in the prompts' order, cut at eos and at the stop strings.
 
@@ -107,6 +109,10 @@ def generate(
     repeats) applies to both modes. Works with any model that has `.generate` (transformers models,
     PEFT-wrapped models). The model is put in eval mode for the call and back in train mode afterwards if
     it was training.
+
+    `images`, for an image-text model, holds each prompt's image inputs (pixel_values, ...: the image
+    keys of `retain.data.encode.encode_prompt_inputs`; an empty dict for a prompt without images); each
+    batch passes those of its prompts, in the batch's order, to `generate`.
     """
     if max_new_tokens < 1:
         raise RetainError(f"generation: max_new_tokens is {max_new_tokens}; set it to 1 or more")
@@ -118,6 +124,8 @@ def generate(
             raise RetainError(
                 f"generation: prompt {index} has no tokens; check the task's data and the cutoff length"
             )
+    if images is not None and len(images) != len(prompts):
+        raise RetainError(f"generation: {len(images)} image inputs for {len(prompts)} prompts")
     eos_ids = _eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0] if eos_ids else 0
     device = _device(model)
@@ -142,9 +150,11 @@ def generate(
                     # Left padding: every prompt ends at the last column, where generation continues.
                     input_ids[row, width - len(prompts[k]) :] = torch.tensor(prompts[k], dtype=torch.long)
                     attention_mask[row, width - len(prompts[k]) :] = 1
+                pictures = image_batch([images[k] for k in batch], width) if images is not None else {}
                 output = model.generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),
+                    **{key: value.to(device) for key, value in pictures.items()},
                     max_new_tokens=max_new_tokens,
                     use_cache=True,
                     **decoding,

@@ -22,17 +22,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from retain.data.batching import IGNORE_INDEX, collate
-from retain.data.encode import encode_example, encode_prompt
+from retain.data.batching import IGNORE_INDEX, PER_TOKEN_KEYS, TEXT_KEYS, collate
+from retain.data.encode import encode_example, encode_prompt_inputs
 from retain.data.formats import Example
 from retain.errors import RetainError
-from retain.models.forward import response_forward
+from retain.models.forward import model_inputs, response_forward
 
 # Prompts are never truncated at evaluation (generation does not truncate them either).
 _NO_CUTOFF = 1 << 30
 
 
-def encode_choice(tokenizer: Any, example: Example, label: str) -> dict[str, list[int]]:
+def encode_choice(tokenizer: Any, example: Example, label: str, processor: Any = None) -> dict[str, Any]:
     """Token ids and labels of `example`'s prompt answered with `label`, ending at the last learned token.
 
     Whatever the template writes after the end-of-turn token (ChatML's "\\n") has no label, so it is cut:
@@ -40,22 +40,30 @@ def encode_choice(tokenizer: Any, example: Example, label: str) -> dict[str, lis
     """
     messages = example.messages[:-1] + [{"role": "assistant", "content": label}]
     answered = replace(example, messages=messages)
-    encoded = encode_example(tokenizer, answered, _NO_CUTOFF)
+    encoded = encode_example(tokenizer, answered, _NO_CUTOFF, processor=processor)
     ids, labels = encoded["input_ids"], encoded["labels"]
     end = max((k for k, token in enumerate(labels) if token != IGNORE_INDEX), default=-1) + 1
     if end == 0:
         raise RetainError(f"rank evaluation: the label {label!r} encodes to no answer tokens")
-    return {"input_ids": ids[:end], "labels": labels[:end]}
+    images = {
+        key: value[:end] if key in PER_TOKEN_KEYS else value
+        for key, value in encoded.items()
+        if key not in ("input_ids", "labels", "attention_mask")
+    }
+    return {"input_ids": ids[:end], "labels": labels[:end], **images}
 
 
 def encode_answers(
-    tokenizer: Any, example: Example, labels: Sequence[str]
-) -> tuple[list[int], list[list[int]]]:
-    """The prompt's token ids and, per label, the answer tokens that follow them in `encode_choice`."""
-    prompt = encode_prompt(tokenizer, example)
+    tokenizer: Any, example: Example, labels: Sequence[str], processor: Any = None
+) -> tuple[list[int], list[list[int]], dict[str, Any]]:
+    """The prompt's token ids, per label the answer tokens that follow them in `encode_choice`, and the
+    prompt's image inputs (empty for a text example)."""
+    inputs = encode_prompt_inputs(tokenizer, example, processor)
+    prompt = inputs["input_ids"]
+    images = {key: value for key, value in inputs.items() if key not in TEXT_KEYS}
     answers = []
     for label in labels:
-        ids = encode_choice(tokenizer, example, label)["input_ids"]
+        ids = encode_choice(tokenizer, example, label, processor)["input_ids"]
         # encode.py guarantees this; a template that broke it would score the wrong tokens silently.
         if ids[: len(prompt)] != prompt or len(ids) == len(prompt):
             raise RetainError(
@@ -63,7 +71,7 @@ def encode_answers(
                 f"{label!r} follows it, so the answer tokens cannot be located"
             )
         answers.append(ids[len(prompt) :])
-    return prompt, answers
+    return prompt, answers, images
 
 
 def _device(model: Any) -> torch.device:
@@ -91,18 +99,21 @@ def _croppable(cache: Any) -> bool:
 
 
 def _shared_prompt_batch(
-    model: Any, prompts: list[list[int]], answers: list[list[list[int]]], pad_id: int, device: torch.device
+    model: Any,
+    prompts: list[list[int]],
+    answers: list[list[list[int]]],
+    pad_id: int,
+    device: torch.device,
+    images: list[dict[str, Any]],
 ) -> list[list[float]] | None:
-    """Scores of every label for one batch of prompts, each prompt run once; None if the cache cannot crop."""
-    batch = collate([{"input_ids": p, "labels": [IGNORE_INDEX] * len(p)} for p in prompts], pad_id)
+    """Scores of every label for one batch of prompts, each prompt run once (with its images, which the
+    answers then read through the cache); None if the cache cannot crop."""
+    features = [
+        {"input_ids": p, "labels": [IGNORE_INDEX] * len(p), **i} for p, i in zip(prompts, images, strict=True)
+    ]
+    batch = collate(features, pad_id)
     batch = {name: tensor.to(device) for name, tensor in batch.items()}
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        logits_to_keep=1,
-        use_cache=True,
-    )
+    out = model(**model_inputs(batch), logits_to_keep=1, use_cache=True)
     cache = out.past_key_values
     if not _croppable(cache):
         return None
@@ -139,16 +150,29 @@ def _shared_prompt_batch(
 
 
 def _pair_batch(
-    model: Any, pairs: list[tuple[list[int], list[int]]], pad_id: int, device: torch.device
+    model: Any,
+    pairs: list[tuple[list[int], list[int], dict[str, Any]]],
+    pad_id: int,
+    device: torch.device,
 ) -> list[float]:
-    """Scores of (prompt, answer) pairs, each run in full: left-padded, one forward (`response_forward`)."""
-    features = [{"input_ids": p + a, "labels": [IGNORE_INDEX] * len(p) + a} for p, a in pairs]
+    """Scores of (prompt, answer, prompt's image inputs) triples, each run in full: left-padded, one
+    forward (`response_forward`)."""
+    features = [
+        {
+            "input_ids": p + a,
+            "labels": [IGNORE_INDEX] * len(p) + a,
+            # per-token image inputs cover the prompt; the answer holds no image token
+            **{key: list(v) + [0] * len(a) if key in PER_TOKEN_KEYS else v for key, v in i.items()},
+        }
+        for p, a, i in pairs
+    ]
     batch = collate(features, pad_token_id=pad_id)
     outputs = response_forward(model, {name: tensor.to(device) for name, tensor in batch.items()})
     return (-_nll(outputs.logits, outputs.labels)).tolist()
 
 
-Encoded = list[tuple[list[int], list[list[int]]]]  # per example: prompt ids, answer ids per label
+# per example: prompt ids, answer ids per label, the prompt's image inputs
+Encoded = list[tuple[list[int], list[list[int]], dict[str, Any]]]
 
 
 def _score_shared(
@@ -166,7 +190,12 @@ def _score_shared(
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         rows = _shared_prompt_batch(
-            model, [encoded[i][0] for i in batch], [encoded[i][1] for i in batch], pad_id, device
+            model,
+            [encoded[i][0] for i in batch],
+            [encoded[i][1] for i in batch],
+            pad_id,
+            device,
+            [encoded[i][2] for i in batch],
         )
         if rows is None:  # e.g. a sliding-window cache; the first batch already tells
             return False
@@ -186,11 +215,13 @@ def _score_pairs(
     bar: Any,
 ) -> None:
     """Fill `scores` running every (prompt, answer) pair in full, longest first."""
-    pairs = [(i, j) for i, (_, answers) in enumerate(encoded) for j in range(len(answers))]
+    pairs = [(i, j) for i, (_, answers, _) in enumerate(encoded) for j in range(len(answers))]
     pairs.sort(key=lambda ij: len(encoded[ij[0]][0]) + len(encoded[ij[0]][1][ij[1]]), reverse=True)
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start : start + batch_size]
-        values = _pair_batch(model, [(encoded[i][0], encoded[i][1][j]) for i, j in batch], pad_id, device)
+        values = _pair_batch(
+            model, [(encoded[i][0], encoded[i][1][j], encoded[i][2]) for i, j in batch], pad_id, device
+        )
         for (i, j), value in zip(batch, values, strict=True):
             scores[i][j] = value
         bar.update(len(batch))
@@ -205,18 +236,20 @@ def label_log_likelihoods(
     progress: bool = True,
     desc: str = "ranking",
     share_prompt: bool = True,
+    processor: Any = None,
 ) -> list[list[float]]:
     """For each example, the summed log-probability of each label's answer tokens, in `labels`' order.
 
     Every forward pass holds at most `batch_size` sequences: prompts (then their answers) when the prompt
     is shared, (prompt, label) pairs otherwise. The model is put in eval mode for the call and back in
-    train mode afterwards if it was training; autocast, if any, is the caller's.
+    train mode afterwards if it was training; autocast, if any, is the caller's. Examples with images
+    need `processor` (the image-text model's): each prompt is scored with its images.
     """
     if batch_size < 1:
         raise RetainError(f"rank evaluation: batch_size is {batch_size}; set it to 1 or more")
     if not labels:
         raise RetainError("rank evaluation: the task has no labels to rank")
-    encoded = [encode_answers(tokenizer, example, labels) for example in examples]
+    encoded = [encode_answers(tokenizer, example, labels, processor) for example in examples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
     device = _device(model)
     n = len(labels)
@@ -246,10 +279,11 @@ def rank_labels(
     progress: bool = True,
     desc: str = "ranking",
     share_prompt: bool = True,
+    processor: Any = None,
 ) -> tuple[list[str], list[list[float]]]:
     """The most likely label of each example (the first one on ties) and every label's log-likelihood."""
     scores = label_log_likelihoods(
-        model, tokenizer, examples, labels, batch_size, progress, desc, share_prompt
+        model, tokenizer, examples, labels, batch_size, progress, desc, share_prompt, processor
     )
     chosen = [labels[max(range(len(labels)), key=row.__getitem__)] for row in scores]
     return chosen, scores

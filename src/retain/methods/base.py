@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class MethodContext:
-    """What hooks may use: the model, the tokenizer, the stream and where the run lives.
+    """What hooks may use: the model, the tokenizer (and an image-text model's processor), the stream and
+    where the run lives.
 
     Build it with `MethodContext.create`, which wires the training encoding, batching and forward.
     """
@@ -47,6 +48,9 @@ class MethodContext:
     collate: Callable[[list[dict]], dict[str, torch.Tensor]] | None = None  # features -> batch of tensors
     forward: Callable[..., StepOutputs] | None = None  # (model, batch, keep=None): the training forward
     logged: dict[str, list[float | torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
+    # The image-text model's processor (None for a text model): `encode` uses it for examples with images,
+    # whose features then hold the image inputs (pixel_values, ...) that `collate` batches.
+    processor: Any = None
 
     @classmethod
     def create(
@@ -61,9 +65,11 @@ class MethodContext:
         world_size: int = 1,
         bf16: bool = False,
         task_index: int = 0,
+        processor: Any = None,
     ) -> MethodContext:
-        """The context of a run: examples are encoded as training encodes them (cutoff `train.cutoff_len`),
-        batched by left padding and run through the response-window forward."""
+        """The context of a run: examples are encoded as training encodes them (cutoff `train.cutoff_len`;
+        with `processor`, an image-text model's, examples with images carry their image inputs), batched
+        by left padding and run through the response-window forward."""
         cutoff = config.train.cutoff_len
         return cls(
             model=model,
@@ -75,9 +81,12 @@ class MethodContext:
             rank=rank,
             world_size=world_size,
             bf16=bf16,
-            encode=lambda examples: encode_dataset(tokenizer, examples, cutoff, source="method"),
+            encode=lambda examples: encode_dataset(
+                tokenizer, examples, cutoff, source="method", processor=processor
+            ),
             collate=functools.partial(collate, pad_token_id=tokenizer.pad_token_id),
             forward=response_forward,
+            processor=processor,
         )
 
     @property
@@ -109,6 +118,8 @@ class ContinualMethod:
     # Capabilities, declared by each method and checked when the config is read.
     supports_full_finetuning: ClassVar[bool] = True
     supports_multiprocess: ClassVar[bool] = True
+    # The method works on data with images (methods that write text-only pseudo samples do not).
+    supports_images: ClassVar[bool] = True
     # The method is told which task a test prompt belongs to (an oracle; results.json records it).
     needs_task_id_at_test: ClassVar[bool] = False
     joint_training: ClassVar[bool] = False  # train once on all tasks (multitask upper bound)

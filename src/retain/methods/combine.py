@@ -83,6 +83,7 @@ class Combined(ContinualMethod):
         self.name = "+".join(names)
         self.supports_full_finetuning = all(c.supports_full_finetuning for c in components)
         self.supports_multiprocess = all(c.supports_multiprocess for c in components)
+        self.supports_images = all(c.supports_images for c in components)
         self.needs_task_id_at_test = any(c.needs_task_id_at_test for c in components)
         self.decides_eval_model = any(c.decides_eval_model for c in components)
         for flag in FLAGS:

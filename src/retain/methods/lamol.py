@@ -101,6 +101,7 @@ class LAMOLConfig:
 
 @register("lamol", config=LAMOLConfig)
 class LAMOL(ContinualMethod):
+    supports_images = False  # the LM generates text-only questions and answers
     """LAMOL: learn to answer and to generate tasks; rehearse self-generated pseudo samples."""
 
     config: LAMOLConfig

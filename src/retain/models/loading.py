@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from retain.errors import RetainError
 from retain.models.tiny import TINY_LAYERS, tiny_model, tiny_tokenizer
-from retain.models.vision import is_image_text_model, load_image_text_model, text_layer_count
+from retain.models.vision import is_image_text_model, load_image_text_model, load_processor, text_layer_count
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +120,17 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_encoders(name_or_path: str) -> tuple[PreTrainedTokenizerBase, Any]:
+    """(tokenizer, processor) that encode the model's examples without loading its weights: the
+    processor of an image-text model folder and its tokenizer, or the tokenizer and None for a text model."""
+    if name_or_path not in GGUF_MODELS and name_or_path != "tiny-random":
+        path = _local_dir(name_or_path)
+        if is_image_text_model(path):
+            processor = load_processor(path)
+            return processor.tokenizer, processor
+    return load_tokenizer(name_or_path), None
 
 
 def _local_dir(path: str) -> str:

@@ -101,9 +101,8 @@ def text_layer_count(path_or_config: Any) -> int | None:
     return count if isinstance(count, int) else None
 
 
-def load_image_text_model(path: str) -> tuple[nn.Module, Any]:
-    """(model in fp32, processor) from a local image-text model folder, offline (load_model checks the
-    folder's weights first)."""
+def load_processor(path: str) -> Any:
+    """The processor (image processor + tokenizer) of a local image-text model folder, offline."""
     hint = (
         "an image-text model folder needs its processor files beside the weights (tokenizer, "
         "preprocessor_config.json or processor_config.json); copy the whole model folder there"
@@ -113,6 +112,15 @@ def load_image_text_model(path: str) -> tuple[nn.Module, Any]:
     processor = _from_pretrained(AutoProcessor, path, "processor", hint)
     if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
         raise RetainError(f"model directory {path} has no image processor; {hint}")
+    if processor.tokenizer.pad_token_id is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    return processor
+
+
+def load_image_text_model(path: str) -> tuple[nn.Module, Any]:
+    """(model in fp32, processor) from a local image-text model folder, offline (load_model checks the
+    folder's weights first)."""
+    processor = load_processor(path)
     model = _from_pretrained(AutoModelForImageTextToText, path, "model", dtype=torch.float32)
     return model, processor
 

@@ -1,4 +1,5 @@
-"""Built-in benchmark definitions: EasyCL's benchmark_info.json layout, O-LoRA's CL_Benchmark and TRACE.
+"""Built-in benchmark definitions: EasyCL's benchmark_info.json layout, O-LoRA's CL_Benchmark, TRACE and
+CoIN (image-text).
 
 `find_benchmark(name, root)` returns the definition (orders, expected files); `select_tasks` resolves an
 order and a slice of it; `benchmark_tasks` checks every selected task's files and reports all missing
@@ -10,12 +11,12 @@ from __future__ import annotations
 
 import os
 
-from retain.data.benchmarks import easycl, olora, trace
+from retain.data.benchmarks import coin, easycl, olora, trace
 from retain.data.benchmarks.base import Benchmark, BenchmarkTask, infer_labels, options_in
 from retain.errors import RetainError, did_you_mean
 
-LAYOUTS = (easycl, olora, trace)
-BUILTIN = (*easycl.BUILTIN_ORDERS, "olora", "TRACE")
+LAYOUTS = (easycl, olora, trace, coin)
+BUILTIN = (*easycl.BUILTIN_ORDERS, "olora", "TRACE", "CoIN")
 BENCHMARK_DIR_ENV = "RETAIN_BENCHMARK_DIR"
 
 __all__ = [

@@ -71,7 +71,7 @@ def chat_prompt(tokenizer: Any, user: str, system: str | None) -> list[int]:
 
 def fits(ctx: MethodContext, example: Example) -> bool:
     """Whether the example's prompt leaves room for its answer within cutoff_len (else encoding fails)."""
-    return len(encode_prompt(ctx.tokenizer, example)) < ctx.config.train.cutoff_len
+    return len(encode_prompt(ctx.tokenizer, example, ctx.processor)) < ctx.config.train.cutoff_len
 
 
 def format_demo(example: Example) -> str:
@@ -257,6 +257,8 @@ class DemoRehearsal(ContinualMethod):
     """Base of pseudo_replay and ssr: keep `config.num_shots` demonstrations of each task after it, and
     before task t fill the pseudo memory of every earlier task that has none (`synthesize`); task t
     trains on D_t plus all pseudo memories. Demonstrations and memories live in the state_dict."""
+
+    supports_images = False  # the generator writes text-only inputs from text demonstrations
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)

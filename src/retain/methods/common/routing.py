@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from retain.data.batching import IGNORE_INDEX
-from retain.data.encode import encode_prompt
+from retain.data.encode import encode_prompt_inputs
 from retain.data.formats import Example
 from retain.errors import RetainError
 from retain.methods.base import ContinualMethod, MethodContext
@@ -52,13 +52,14 @@ def _lora_flags(model: nn.Module) -> dict[str, bool]:
 def prompt_batches(
     ctx: MethodContext, examples: Sequence[Example], batch_size: int
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """The examples' test prompts (`encode_prompt`), batched by `ctx.collate` (left padding, position ids)
-    and moved to the model's device, `batch_size` at a time."""
+    """The examples' test prompts (`encode_prompt_inputs`, with their images for an image-text model),
+    batched by `ctx.collate` (left padding, position ids) and moved to the model's device, `batch_size`
+    at a time."""
     for start in range(0, len(examples), batch_size):
         features = []
         for example in examples[start : start + batch_size]:
-            ids = encode_prompt(ctx.tokenizer, example)
-            features.append({"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids)})
+            inputs = encode_prompt_inputs(ctx.tokenizer, example, ctx.processor)
+            features.append({**inputs, "labels": [IGNORE_INDEX] * len(inputs["input_ids"])})
         yield {k: v.to(ctx.device) for k, v in ctx.collate(features).items()}
 
 
