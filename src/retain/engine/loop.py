@@ -76,7 +76,7 @@ class Experiment:
         self.plan, self.config, self.run_dir = plan, plan.config, run_dir
         self.method = plan.method
         self.processes = process_state()
-        self.batch = batch_layout(self.config.train, self.processes.num_processes)
+        self.batch = plan.batch or batch_layout(self.config.train, self.processes.num_processes)
         model, tokenizer, info = load_model(self.config.model.name_or_path)
         set_seed(self.config.seed)
         self.model = apply_finetuning(model, self.config.model)
@@ -242,8 +242,9 @@ def run_experiment(config: RunConfig, *, train: bool = True, evaluate: bool = Tr
                 state = run_dir.initialise(config, state.tasks, fingerprints)
             processes.wait_for_everyone()
         state.fingerprints = fingerprints  # checked above; recorded now if the state file predates them
-        if state.trained > 0 and state.num_processes != processes.num_processes and train:
-            if config.train.global_batch_size is None and state.trained < len(plan.train_units):
+        other_count = state.trained > 0 and state.num_processes != processes.num_processes
+        if other_count and train and config.train.global_batch_size is None:
+            if state.trained < len(plan.train_units):
                 raise RetainError(
                     f"{run_dir.path} trained with {state.num_processes} process(es) and this start has "
                     f"{processes.num_processes}: each process adds a per-device batch, so the remaining "
