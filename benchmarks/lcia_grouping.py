@@ -11,6 +11,12 @@ config and overrides:
     .venv/bin/python benchmarks/lcia_grouping.py examples/study_lnt.yaml method.name=lcia \\
         benchmark_dir=../shared/data/easycl_benchmarks/benchmark 'tasks=[SST-2,agnews,IMDB]' \\
         method.template=masked method.aggregate=mean      # the reference's rule, for comparison
+    .venv/bin/python benchmarks/lcia_grouping.py examples/lcia.yaml benchmark=CoIN benchmark_dir=<CoIN>
+
+Without a config, `--coin-fixture DIR` writes the tests' CoIN-format folder (tests/coin_fixture.py: all
+eight tasks with CoIN-style prompts, `--train-size` training records each) into DIR and reports on it:
+
+    .venv/bin/python benchmarks/lcia_grouping.py --coin-fixture /tmp/coin --train-size 10
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ sys.path.insert(0, HERE)
 
 from _common import write_json  # noqa: E402
 
-from retain.config import load_config  # noqa: E402
+from retain.config import RunConfig, config_from_dict, load_config  # noqa: E402
 from retain.data.streams import load_stream  # noqa: E402
 from retain.methods.base import MethodContext  # noqa: E402
 from retain.methods.registry import create_method  # noqa: E402
@@ -33,12 +39,21 @@ from retain.models.adapters import apply_finetuning  # noqa: E402
 from retain.models.tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
 
-def grouping_report(config_path: str, overrides: list[str]) -> dict:
-    config = load_config(config_path, overrides)
+def coin_fixture_config(folder: str, train_size: int, overrides: list[str]) -> RunConfig:
+    """LCIA on the tests' CoIN-format folder, written into `folder`."""
+    sys.path.insert(0, os.path.dirname(HERE))
+    from tests.coin_fixture import coin_fixture
+
+    coin_fixture(folder, train_size=train_size)
+    raw = {"stream": {"benchmark": "CoIN", "benchmark_dir": folder}, "method": {"name": "lcia"}}
+    return config_from_dict(raw, overrides=overrides)
+
+
+def grouping_report(config: RunConfig, source: str, overrides: list[str]) -> dict:
     config.model.finetuning_type = "lora"
     method = create_method(config.method.name, config.method.params)
     if method.name != "lcia":
-        raise SystemExit(f"{config_path}: method is '{method.name}'; add method.name=lcia")
+        raise SystemExit(f"{source}: method is '{method.name}'; add method.name=lcia")
     tasks = load_stream(config).tasks
     tokenizer = tiny_tokenizer()
     model = apply_finetuning(tiny_model(tokenizer), config.model)
@@ -53,7 +68,7 @@ def grouping_report(config_path: str, overrides: list[str]) -> dict:
         routes = method.eval_routes(ctx, task)
         routing[task.name] = sum(r == group_of[task.name] for r in routes) / len(routes)
     return {
-        "config": config_path,
+        "config": source,
         "overrides": overrides,
         "settings": {
             k: getattr(method.config, k) for k in ("template", "aggregate", "threshold", "similarity")
@@ -66,6 +81,7 @@ def grouping_report(config_path: str, overrides: list[str]) -> dict:
                 "new_group": r["new_group"],
                 "dema": r["dema"],
                 "scores": r["scores"],
+                "templates": r["templates"],
             }
             for r in method.history
         ],
@@ -75,12 +91,21 @@ def grouping_report(config_path: str, overrides: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config")
+    parser.add_argument("config", nargs="?", help="retain run's config (not with --coin-fixture)")
     parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--coin-fixture", metavar="DIR", help="write the tests' CoIN-format folder here")
+    parser.add_argument("--train-size", type=int, default=10, help="--coin-fixture: training records")
     parser.add_argument("--name", default="lcia_grouping", help="benchmarks/out/<name>.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    report = grouping_report(args.config, args.overrides)
+    if args.coin_fixture:
+        overrides = ([args.config] if args.config else []) + args.overrides
+        config = coin_fixture_config(args.coin_fixture, args.train_size, overrides)
+        report = grouping_report(config, f"--coin-fixture {args.coin_fixture}", overrides)
+    elif args.config:
+        report = grouping_report(load_config(args.config, args.overrides), args.config, args.overrides)
+    else:
+        parser.error("give a config or --coin-fixture DIR")
     print(f"settings: {report['settings']}")
     for record in report["tasks"]:
         decision = (
@@ -91,6 +116,7 @@ def main() -> None:
             else "retrains"
         )
         print(f"  {record['task']:>16} -> group {record['group']} ({decision}); scores {record['scores']}")
+        print(f"  {'':>16}    templates {record['templates']}")
     print(f"groups: {len(report['groups'])}: " + "; ".join(", ".join(g["tasks"]) for g in report["groups"]))
     mean = sum(report["routing_accuracy"].values()) / len(report["routing_accuracy"])
     print(

@@ -1,4 +1,4 @@
-"""The `retain` command: run, train, eval, metrics, methods, benchmarks, compare.
+"""The `retain` command: run, train, eval, metrics, methods, benchmarks, compare, merge, lines.
 
 User mistakes (bad config, data or paths) print one `error:` line on stderr and exit with code 2, with
 no traceback and without touching an existing run directory.
@@ -296,6 +296,230 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_run(run_dir: str):
+    """A finished (or partly trained) run, opened for post-hoc edits: (config, RunDir, state)."""
+    from retain.config import config_from_dict, read_yaml
+    from retain.engine.run_dir import RunDir
+
+    config_file = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(config_file):
+        raise RetainError(f"{run_dir} is not a retain run directory (no config.yaml)")
+    raw = read_yaml(config_file)
+    raw["output_dir"] = run_dir.replace("{", "{{").replace("}", "}}")  # a path, not a pattern
+    config = config_from_dict(raw, source=config_file)
+    folder = RunDir(run_dir)
+    state = folder.load_state() if folder.exists() else None
+    if state is None or state.trained < 1:
+        raise RetainError(f"{run_dir} has no trained task yet (state.json records none); run it first")
+    return config, folder, state
+
+
+def _experiment(config, folder):
+    """The run's model, method and evaluation context, as `retain eval` builds them."""
+    from retain.engine.loop import Experiment
+    from retain.engine.plan import check_encoding, make_plan
+    from retain.models.loading import load_encoders
+
+    plan = make_plan(config)
+    check_encoding(plan, *load_encoders(config.model.name_or_path))
+    if plan.joint:
+        raise RetainError(f"{folder.path} trained all tasks jointly (multitask): there is no stream to edit")
+    return Experiment(plan, folder)
+
+
+def _evaluate_into(experiment, method, row: int, out_dir: str) -> list[float]:
+    """One row of scores on every task of the run, with its evaluation settings; predictions in out_dir."""
+    from retain.engine.evaluate import evaluate_row
+
+    config = experiment.config
+    files = [os.path.join(out_dir, f"{task.name}.jsonl") for task in experiment.plan.tasks]
+    return evaluate_row(
+        method, experiment.ctx, row, files, config.eval.max_new_tokens, config.eval.batch_size
+    )
+
+
+def _replace_folder(path: str) -> None:
+    import shutil
+
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    os.makedirs(path)
+
+
+def _print_scores(title: str, tasks: list[str], columns: dict[str, list[float | None]]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("task")
+    for name in columns:
+        table.add_column(name, justify="right")
+    for i, task in enumerate(tasks):
+        table.add_row(task, *("-" if c[i] is None else f"{c[i]:.2f}" for c in columns.values()))
+    _console().print(table)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Merge a run's per-task adapters into one adapter, save it, evaluate it on every task."""
+    from retain.io import write_json_atomic
+    from retain.methods.base import ContinualMethod
+    from retain.methods.common.task_vectors import (
+        MERGE_HOWS,
+        add_dense_adapter,
+        lora_task_vector,
+        merge_adapters,
+        merge_task_vectors,
+        save_adapter,
+    )
+    from retain.methods.merge import MERGED, default_lam
+    from retain.models.adapters import activate_adapters, adapter_names
+
+    if args.how not in MERGE_HOWS:
+        raise RetainError(f"--how '{args.how}' is unknown; use one of {', '.join(MERGE_HOWS)}")
+    config, folder, state = _open_run(args.run_dir)
+    if config.model.finetuning_type != "lora":
+        raise RetainError(
+            f"{folder.path} fine-tuned the full model (model.finetuning_type: full), so it has no "
+            "adapters to merge; retain merge needs a LoRA run (model.finetuning_type: lora)"
+        )
+    _writable_folder(folder.path, "run directory", "retain merge writes merges/ there: make it writable")
+    experiment = _experiment(config, folder)
+    last = state.trained
+    experiment.restore(last)
+    checkpoint = os.path.join(folder.task_dir(last, experiment.unit_name(last)), "adapter")
+    adapters = [a for a in adapter_names(experiment.model) if a != MERGED]
+    source = args.source
+    if source == "auto":
+        source = "adapters" if len(adapters) >= 2 else "checkpoints"
+        if source == "checkpoints" and last >= 2:
+            raise RetainError(
+                f"{checkpoint} holds one adapter ({', '.join(adapters)}), not one per task: method "
+                f"'{config.method.name}' trains a single adapter through the stream. Train with "
+                "method.name=merge (one adapter per task, kept in every checkpoint), or merge this run's "
+                "checkpoints after each task (task vector k = the model after task k) with --from checkpoints"
+            )
+    if source == "adapters":
+        names = adapters
+        if len(names) < 2:
+            raise RetainError(
+                f"{checkpoint} holds one adapter ({', '.join(names)}); retain merge --from adapters needs "
+                "one per task: train with method.name=merge, or use --from checkpoints"
+            )
+    else:
+        names = [f"{k}-{experiment.unit_name(k)}" for k in range(1, last + 1)]
+    weights = [float(w) for w in args.weights.split(",")] if args.weights else [1.0] * len(names)
+    if len(weights) != len(names):
+        raise RetainError(
+            f"--weights has {len(weights)} value(s) but there are {len(names)} task vectors "
+            f"({', '.join(names)})"
+        )
+    lam = args.lam if args.lam is not None else default_lam(args.how, len(names))
+    seed = config.seed + last if args.seed is None else args.seed  # the merge method's DARE seed
+    settings = dict(weights=weights, lam=lam, density=args.density, drop_rate=args.drop_rate, seed=seed)
+    if source == "adapters":
+        merge_adapters(experiment.model, names, args.how, MERGED, **settings)
+    else:
+        vectors = []
+        for k in range(1, last + 1):
+            experiment.restore(k)
+            vectors.append(lora_task_vector(experiment.model, "default"))
+        merged = merge_task_vectors(vectors, args.how, **settings)
+        add_dense_adapter(experiment.model, MERGED, merged, like="default")
+    activate_adapters(experiment.model, active=[MERGED], trainable=[])
+    out = os.path.join(folder.path, "merges", args.name or args.how)
+    _replace_folder(out)
+    save_adapter(experiment.model, MERGED, os.path.join(out, "adapter"))
+    scores = _evaluate_into(experiment, ContinualMethod(), last, os.path.join(out, "eval"))
+    tasks = [t.name for t in experiment.plan.tasks]
+    run_row = state.rows.get(str(last))
+    result = {
+        "how": args.how,
+        "source": source,
+        "task_vectors": names,
+        **settings,
+        "adapter": os.path.join(out, "adapter"),
+        "tasks": tasks,
+        "scores": dict(zip(tasks, scores, strict=True)),
+        "average": sum(scores) / len(scores),
+        "run_last_row": run_row,
+    }
+    write_json_atomic(os.path.join(out, "results.json"), result)
+    _print_scores(
+        f"{args.how} merge of {len(names)} task vectors ({source})",
+        tasks,
+        {"merged": scores, f"run row {last}": list(run_row) if run_row else [None] * len(tasks)},
+    )
+    _console().print(f"average {result['average']:.2f}; adapter and predictions: {out}")
+    return 0
+
+
+def cmd_lines(args: argparse.Namespace) -> int:
+    """Apply LiNeS to each checkpoint of a run and evaluate it: the run's matrix under LiNeS."""
+    from retain.evaluation.metrics import compute_metrics
+    from retain.io import write_json_atomic
+    from retain.methods.common.task_vectors import lines_scale_full, lines_scale_lora, save_adapter
+    from retain.models.adapters import adapter_names, save_trainable, trainable_parameters
+
+    config, folder, state = _open_run(args.run_dir)
+    _writable_folder(folder.path, "run directory", "retain lines writes lines/ there: make it writable")
+    beta = 1.0 - args.alpha if args.beta is None else args.beta
+    experiment = _experiment(config, folder)
+    # theta_0 for full fine-tuning: the model as loaded, before any checkpoint.
+    base = (
+        {}
+        if adapter_names(experiment.model)
+        else {n: p.detach().float().cpu().clone() for n, p in trainable_parameters(experiment.model).items()}
+    )
+    last = state.trained
+    rows = [last] if args.last_only else list(range(1, last + 1))
+    out = os.path.join(folder.path, "lines", args.name or f"alpha{args.alpha:g}-beta{beta:g}")
+    _replace_folder(out)
+    matrix: list[list[float] | None] = [state.rows.get("0")] + [None] * last
+    for k in rows:
+        experiment.restore(k)
+        adapters = adapter_names(experiment.model)
+        if adapters:
+            lines_scale_lora(experiment.model, adapters, args.alpha, beta)
+        else:
+            lines_scale_full(experiment.model, base, args.alpha, beta)
+        experiment.method.restore(experiment.ctx)  # re-apply the method's adapter activity after the edit
+        matrix[k] = _evaluate_into(experiment, experiment.method, k, os.path.join(out, "eval", str(k)))
+        if k == last:
+            target = os.path.join(out, "model" if not adapters else "adapter")
+            if adapters and len(adapters) == 1:
+                save_adapter(experiment.model, adapters[0], target)
+            else:
+                save_trainable(experiment.model, target)
+        experiment.loaded = -1  # the model no longer holds checkpoint k as saved
+    tasks = [t.name for t in experiment.plan.tasks]
+    complete = all(row is not None for row in matrix[1:])
+    metrics = compute_metrics(matrix) if complete else {}
+    run_matrix = state.matrix(last + 1)
+    result = {
+        "alpha": args.alpha,
+        "beta": beta,
+        "tasks": tasks,
+        "matrix": matrix,
+        "metrics": metrics,
+        "run_matrix": run_matrix,
+        "run_metrics": compute_metrics(run_matrix) if all(r is not None for r in run_matrix[1:]) else {},
+    }
+    write_json_atomic(os.path.join(out, "results.json"), result)
+    _print_scores(
+        f"LiNeS alpha {args.alpha:g}, beta {beta:g}: scores after task {last}",
+        tasks,
+        {"LiNeS": matrix[last], "run": run_matrix[last]},
+    )
+    if metrics:
+        shown = ", ".join(
+            f"{name} {value:.2f} (run {result['run_metrics'].get(name, float('nan')) or 0:.2f})"
+            for name, value in metrics.items()
+            if value is not None
+        )
+        _console().print(shown)
+    _console().print(f"matrix, predictions and the edited weights: {out}")
+    return 0
+
+
 def _close_process_group() -> None:
     """Leave torchrun's process group cleanly: a gloo group alive at interpreter exit can abort a rank."""
     import torch.distributed as dist
@@ -348,6 +572,36 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--sort", default="last", help="last, avg, bwt, fwt, forgetting, time or name")
     compare.add_argument("--output", help="also write the table to this markdown file")
     compare.set_defaults(func=cmd_compare)
+
+    merge = sub.add_parser(
+        "merge", help="merge a run's per-task adapters (task arithmetic, TIES, DARE), save and evaluate it"
+    )
+    merge.add_argument("run_dir")
+    merge.add_argument("--how", default="ties", help="task_arithmetic, ties, dare_linear or dare_ties")
+    merge.add_argument("--weights", help="per-task weights, comma-separated (default: 1 each)")
+    merge.add_argument(
+        "--lam", type=float, help="scale of the merged vector (default: 1/T or 1, as the method)"
+    )
+    merge.add_argument("--density", type=float, default=0.2, help="TIES: fraction of each vector kept")
+    merge.add_argument("--drop-rate", type=float, default=0.5, help="DARE: probability of dropping an entry")
+    merge.add_argument("--seed", type=int, help="DARE: seed of the drop masks (default: the run's seed + T)")
+    merge.add_argument(
+        "--from",
+        dest="source",
+        choices=["auto", "adapters", "checkpoints"],
+        default="auto",
+        help="task vectors: the last checkpoint's per-task adapters, or each task's checkpoint",
+    )
+    merge.add_argument("--name", help="subfolder of <run_dir>/merges/ (default: the --how value)")
+    merge.set_defaults(func=cmd_merge)
+
+    lines = sub.add_parser("lines", help="apply LiNeS layer scaling to a run's checkpoints and evaluate them")
+    lines.add_argument("run_dir")
+    lines.add_argument("--alpha", type=float, default=0.5, help="scale of the shallowest block's update")
+    lines.add_argument("--beta", type=float, help="extra scale of the deepest block (default: 1 - alpha)")
+    lines.add_argument("--last-only", action="store_true", help="only the checkpoint after the last task")
+    lines.add_argument("--name", help="subfolder of <run_dir>/lines/ (default: alpha<a>-beta<b>)")
+    lines.set_defaults(func=cmd_lines)
     return parser
 
 

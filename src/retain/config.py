@@ -40,6 +40,9 @@ SchedulerName = Literal[
     "greedy",
 ]
 SEED_LIMIT = 2**32  # numpy's seeds are below 2**32; a task's seed is seed + task index
+# The answer styles `stream.answer_styles` can rewrite training answers into (retain/data/answer_styles.py
+# implements each one; tests/data/test_answer_styles.py checks that the two lists agree).
+ANSWER_STYLES = ("yes_no", "multiple_choice", "sentence")
 
 
 @dataclass
@@ -93,7 +96,10 @@ class StreamConfig:
     dataset_dir: str = field(default="", metadata={"help": "folder holding dataset_info.json"})
     image_dir: str = field(
         default="",
-        metadata={"help": "folder relative image paths resolve against (default: the data's own folder)"},
+        metadata={
+            "help": "folder relative image paths resolve against "
+            "(default: the data's own folder; for CoIN, instead of its cl_dataset/)"
+        },
     )
     train_size: int | None = field(default=None, metadata={"help": "default training examples per task"})
     test_size: int | None = field(default=None, metadata={"help": "default test examples per task"})
@@ -119,6 +125,16 @@ class StreamConfig:
     hygiene: bool = field(
         default=True,
         metadata={"help": "check data for dev == test, test in train, duplicates, labels outside the set"},
+    )
+    # None rather than {} when off: a run directory written before this setting existed resumes (its
+    # config.yaml lacks the key, which compares equal to None only).
+    answer_styles: dict[str, float] | None = field(
+        default=None,
+        metadata={
+            "help": "answer-style diversification (SEFE's ASD): the fraction of each task's training "
+            "examples rewritten into each style, e.g. {multiple_choice: 0.1, yes_no: 0.05, sentence: 0.05}; "
+            "styles: " + ", ".join(ANSWER_STYLES) + "; test data is never rewritten (unset: off)"
+        },
     )
 
 
@@ -494,6 +510,32 @@ def parse_lora_layers(spec: str) -> int | list[int] | None:
     return sorted({int(part) for part in parts})
 
 
+def _answer_styles(stream: StreamConfig) -> None:
+    """`stream.answer_styles`: known style names, each a fraction in [0, 1], together at most 1."""
+    example = "e.g. {multiple_choice: 0.1, yes_no: 0.05, sentence: 0.05}"
+    if stream.answer_styles is None:
+        return
+    for name, value in stream.answer_styles.items():
+        where = f"stream.answer_styles.{name}"
+        if name not in ANSWER_STYLES:
+            raise RetainError(
+                f"config: unknown answer style '{name}' in stream.answer_styles"
+                f"{did_you_mean(str(name), list(ANSWER_STYLES))}; styles: {', '.join(ANSWER_STYLES)}"
+            )
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise RetainError(
+                f"config: {where} must be the fraction of training examples given that style, a number "
+                f"from 0 to 1 ({example}), got {value!r}"
+            )
+        stream.answer_styles[name] = float(value)
+    total = sum(stream.answer_styles.values())
+    if total > 1 + 1e-9:
+        raise RetainError(
+            f"config: the fractions of stream.answer_styles add up to {total:g}; they share one task's "
+            f"training examples, so together they must be at most 1 ({example})"
+        )
+
+
 def validate(config: RunConfig) -> None:
     """Check the values that can be checked without loading data or models."""
     _positive(config.model.lora_rank, "model.lora_rank", allow_none=False)
@@ -534,6 +576,7 @@ def validate(config: RunConfig) -> None:
             "template '%s': retain renders prompts with the model's own chat template", config.model.template
         )
     _positive(config.stream.max_tasks, "stream.max_tasks")
+    _answer_styles(config.stream)
     if not config.stream.tasks and not config.stream.benchmark:
         raise RetainError(
             "config: stream.tasks is empty; list at least one task (see examples/quickstart.yaml) or name a "

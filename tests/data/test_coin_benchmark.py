@@ -1,5 +1,6 @@
-"""CoIN's layout on a folder written here: instruction files under playground/Instructions_Original,
-images under cl_dataset, every task of the order with a few records and tiny PNGs."""
+"""CoIN's layout on a folder written by tests/coin_fixture.py: instruction files under
+playground/Instructions_Original, images under cl_dataset, every task of the order with a few records and
+tiny PNGs."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import json
 import os
 
 import pytest
-from PIL import Image
 
 from retain.config import config_from_dict
 from retain.data.benchmarks import benchmark_tasks, coin, find_benchmark, select_tasks
@@ -15,76 +15,8 @@ from retain.data.streams import load_stream
 from retain.errors import RetainError
 from retain.evaluation.scoring import get_scorer
 
+from ..coin_fixture import ORDER, SCIENCE_TEXT, TEXTVQA_ANSWERS, coin_fixture, instances
 from ..helpers import retain
-
-ORDER = ["ScienceQA", "TextVQA", "ImageNet", "GQA", "VizWiz", "Grounding", "VQAv2", "OCRVQA"]
-SCIENCE_TEXT = (
-    "Which animal is a mammal?\nA. shark\nB. whale\n"
-    "Answer with the option's letter from the given choices directly."
-)
-TEXTVQA_ANSWERS = ["coca cola"] * 7 + ["coke", "cola", "coca-cola"]
-BOX = "[0.1, 0.2, 0.5, 0.6]"
-# task -> (test question text, annotation fields, a correct prediction)
-TESTS = {
-    "ScienceQA": (SCIENCE_TEXT, {"answer": "B"}, "B"),
-    "TextVQA": ("What brand is this?\nAnswer in one word.", {"answer": "coca cola"}, "Coca Cola"),
-    "ImageNet": ("What is the object in the image?", {"answer": "tabby cat"}, "tabby cat"),
-    "GQA": ("Is the cup on the left or right?", {"answer": "left"}, "Left."),
-    "VizWiz": ("What is this?", {"answer": "unanswerable"}, "Unanswerable"),
-    "Grounding": ("The box of: the red square.", {"answer_bbox": BOX, "size": [8, 8]}, BOX),
-    "VQAv2": ("How many squares?", {"answer": "2"}, "2"),
-    "OCRVQA": ("Is this a novel?", {"answer": "Yes"}, "yes"),
-}
-
-
-def _write(path, data) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(data, handle)
-
-
-def coin_fixture(
-    root, folder: str = "Instructions_Original", textvqa_annotations: bool = True, skip=()
-) -> str:
-    """A CoIN folder: <root>/playground/<folder>/<Task>/{train,test|val}.json and <root>/cl_dataset images."""
-    instructions = os.path.join(root, "playground", folder)
-    images = os.path.join(root, "cl_dataset")
-    for task in ORDER:
-        os.makedirs(os.path.join(images, task), exist_ok=True)
-        for i in range(2):
-            Image.new("RGB", (8, 8), ("red", "blue")[i]).save(os.path.join(images, task, f"{i}.png"))
-        train = [
-            {
-                "id": f"{task}-{i}",
-                "image": f"{task}/{i % 2}.png",
-                "conversations": [
-                    {"from": "human", "value": f"<image>\n{TESTS[task][0]} ({i})"},
-                    {"from": "gpt", "value": str(next(iter(TESTS[task][1].values())))},
-                ],
-            }
-            for i in range(4)
-        ]
-        if task == "ScienceQA":  # ScienceQA has questions without an image
-            train.append(
-                {
-                    "id": "text-only",
-                    "conversations": [
-                        {"from": "human", "value": "2+2?\nA. 4\nB. 5"},
-                        {"from": "gpt", "value": "A"},
-                    ],
-                }
-            )
-        text, annotation, _ = TESTS[task]
-        test = [
-            {"question_id": 100 + i, "image": f"{task}/{i}.png", "text": text, **annotation} for i in range(2)
-        ]
-        _write(os.path.join(instructions, task, "train.json"), train)
-        if (task, "test") not in skip:
-            _write(os.path.join(instructions, task, coin.EVAL_FILES.get(task, "test.json")), test)
-    if textvqa_annotations:
-        data = [{"question_id": 100 + i, "answers": TEXTVQA_ANSWERS} for i in range(2)]
-        _write(os.path.join(images, "TextVQA", "TextVQA_0.5.1_val.json"), {"data": data})
-    return str(root)
 
 
 def _load(root, **stream) -> dict:
@@ -111,7 +43,7 @@ def test_every_task_loads_with_absolute_images_its_scorer_and_a_reference_its_sc
         for i, example in enumerate(task.test):
             assert example.images == [str(tmp_path / "cl_dataset" / name / f"{i}.png")]
             assert example.messages[0]["content"].startswith("<image>\n")
-            assert get_scorer(task.scorer)(TESTS[name][2], example.reference) == 1.0, name
+            assert get_scorer(task.scorer)(instances(name)[i][2], example.reference) == 1.0, name
         for example in task.train:
             assert all(os.path.isabs(path) and os.path.isfile(path) for path in example.images)
     assert json.loads(tasks["TextVQA"].test[0].reference) == TEXTVQA_ANSWERS

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from retain.data.batching import IGNORE_INDEX, collate
+from retain.data.batching import DEFERRED_IMAGES, IGNORE_INDEX, FeatureDataset, collate, load_images
 from retain.data.encode import encode_dataset, encode_example, encode_prompt, encode_prompt_inputs
 from retain.data.formats import Example
 from retain.errors import RetainError
@@ -111,7 +111,7 @@ def test_a_cutoff_that_would_cut_an_image_is_refused_naming_the_task(tmp_path, p
         processor.tokenizer, [example], len(whole["input_ids"]) - 1, "t", processor=processor
     )
     assert cut[0]["input_ids"] == whole["input_ids"][:-1]
-    assert torch.equal(cut[0]["pixel_values"], whole["pixel_values"])
+    assert torch.equal(load_images(cut[0])["pixel_values"], whole["pixel_values"])
 
 
 def test_collate_pads_text_as_before_and_concatenates_images_in_example_order(tmp_path, processor):
@@ -132,8 +132,9 @@ def test_collate_pads_text_as_before_and_concatenates_images_in_example_order(tm
     assert set(batch) == {*plain, "pixel_values"}
     for key, value in plain.items():
         assert torch.equal(batch[key], value)
+    loaded = [load_images(f) for f in features]
     assert torch.equal(
-        batch["pixel_values"], torch.cat([features[0]["pixel_values"], features[2]["pixel_values"]])
+        batch["pixel_values"], torch.cat([loaded[0]["pixel_values"], loaded[2]["pixel_values"]])
     )
     # A text batch is exactly the text keys.
     assert set(collate([features[1]], pad)) == {"input_ids", "labels", "attention_mask", "position_ids"}
@@ -152,3 +153,48 @@ def test_collate_left_pads_per_token_image_inputs_with_zero():
     batch = collate(features, pad_token_id=0)
     assert batch["mm_token_type_ids"].tolist() == [[1, 1, 0], [0, 0, 0]]
     assert batch["image_grid_thw"].tolist() == [[1, 2, 2]]
+
+
+def test_a_training_set_holds_no_pixels_and_its_images_are_read_batch_by_batch(tmp_path, processor):
+    tokenizer = processor.tokenizer
+    red, blue = _png(tmp_path, "red", "red"), _png(tmp_path, "blue", "blue")
+    examples = [_example(red), _example(blue, "and this one?"), _example(red, "once more?")]
+    features = encode_dataset(tokenizer, examples, 512, "t", processor=processor)
+    assert not any(isinstance(v, torch.Tensor) for f in features for v in f.values())
+    eager = [encode_example(tokenizer, e, 512, processor=processor) for e in examples]
+    for feature, whole in zip(features, eager, strict=True):
+        assert {k: v for k, v in feature.items() if k != DEFERRED_IMAGES} == {
+            k: v for k, v in whole.items() if k != "pixel_values"
+        }
+    # The dataset item and the batch hold what eager encoding gives.
+    dataset = FeatureDataset(features)
+    for i, whole in enumerate(eager):
+        assert torch.equal(dataset[i]["pixel_values"], whole["pixel_values"])
+        assert DEFERRED_IMAGES not in dataset[i]
+    batch = collate(features, tokenizer.pad_token_id)
+    assert torch.equal(batch["pixel_values"], collate(eager, tokenizer.pad_token_id)["pixel_values"])
+    # The images are read when the batch is built: a picture changed since encoding shows.
+    Image.new("RGB", (TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), "green").save(blue)
+    assert not torch.equal(dataset[1]["pixel_values"], eager[1]["pixel_values"])
+    # Text items are handed out unchanged.
+    text = encode_dataset(
+        tokenizer,
+        [Example([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])],
+        64,
+        "t",
+    )
+    assert FeatureDataset(text)[0] is text[0]
+
+
+def test_an_image_that_now_gives_another_token_count_is_named(tmp_path, processor):
+    """LLaVA-NeXT and Qwen2-VL give a larger image more tokens: an image replaced by one of another size
+    after encoding would no longer match its ids (simulated here by the count encoding recorded)."""
+    path = _png(tmp_path, "red", "red")
+    (feature,) = encode_dataset(processor.tokenizer, [_example(path)], 512, "task 'c'", processor=processor)
+    deferred = feature[DEFERRED_IMAGES]
+    text, paths, count = deferred.segments[0]
+    feature[DEFERRED_IMAGES] = replace(deferred, segments=((text, paths, count + 1),))
+    with pytest.raises(
+        RetainError, match=r"task 'c': example 0: its images \(.*red.png\) give \d+ tokens now"
+    ):
+        collate([feature], processor.tokenizer.pad_token_id)

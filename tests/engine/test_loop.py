@@ -17,6 +17,7 @@ SMALL = {
     "ssr": {"candidates_per_task": 16, "memory_per_task": 8},
     "pseudo_replay": {"memory_per_task": 8},
     "lamol": {"memory_per_task": 8},
+    "rft": {"num_generations": 2, "filter_rollouts": 2},
 }
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from retain.errors import RetainError
-from retain.evaluation.generate import _eos_token_ids, generate, generate_one_by_one
+from retain.evaluation.generate import eos_token_ids, generate, generate_one_by_one
 from retain.models.tiny import tiny_model
 
 TEXTS = [
@@ -74,7 +74,7 @@ def test_stops_at_eos_in_a_batch(lively_model, tokenizer, prompts):
 
 
 def test_eos_ids_include_chat_end_token(model, tokenizer):
-    ids = _eos_token_ids(model, tokenizer)
+    ids = eos_token_ids(model, tokenizer)
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in ids
     assert tokenizer.eos_token_id in ids
     assert len(ids) == len(set(ids))

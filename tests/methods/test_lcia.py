@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from retain.config import config_from_dict
 from retain.data.formats import Example, parse_alpaca
-from retain.data.streams import Task
+from retain.data.streams import Task, load_stream
 from retain.engine.loop import run_experiment
 from retain.errors import RetainError
 from retain.methods.common.ema import DynamicEMA
@@ -22,10 +22,11 @@ from retain.methods.common.grouping import (
     route_instance,
     task_templates,
 )
-from retain.methods.lcia import CODEBOOK_FILE, LCIA, LCIAConfig
+from retain.methods.lcia import CODEBOOK_FILE, LCIA, LCIAConfig, grouping_templates
 from retain.models.adapters import adapter_state, peft_model, snapshot_trainable, trainable_parameters
 from retain.models.embedder import minilm_available
 
+from ..coin_fixture import GROUNDING, IMAGENET, LETTER, ORDER, SHORT, coin_fixture
 from ..helpers import assert_same, crash_then_resume, tiny_config, tiny_context
 
 
@@ -364,3 +365,78 @@ def test_a_task_whose_prompts_share_nothing_is_reported(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="retain"):
         LCIA().before_task(ctx, loose)
     assert "share no instruction" in caplog.text
+
+
+# --- grouping on CoIN's prompts: the instance (question, options, referring expression) then the task's
+# --- answer-format instruction, after an <image> placeholder (tests/coin_fixture.py)
+
+
+def _coin_tasks(tmp_path, train_size: int = 10) -> dict[str, Task]:
+    root = coin_fixture(tmp_path / "coin", train_size=train_size, test_size=2)
+    config = config_from_dict({"stream": {"benchmark": "CoIN", "benchmark_dir": root}})
+    return {task.name: task for task in load_stream(config).tasks}
+
+
+COIN_GROUPS = [["ScienceQA"], ["TextVQA", "GQA", "VizWiz", "VQAv2", "OCRVQA"], ["ImageNet"], ["Grounding"]]
+
+
+def test_coin_tasks_group_by_their_instruction_as_the_reference_does(tmp_path):
+    """The reference's LoRASelect groups CoIN's eight tasks into ScienceQA; the short-answer VQA tasks;
+    ImageNet; Grounding (METHODS.md A.2): the default settings form the same four groups, each task's
+    template is its instruction alone, and every test instance is routed to its own task's group."""
+    ctx, _ = tiny_context(tmp_path, "lcia")
+    tasks = _coin_tasks(tmp_path)
+    method = LCIA()
+    _train_stream(ctx, method, [tasks[name] for name in ORDER])
+    assert [g["tasks"] for g in method.groups] == COIN_GROUPS
+    assert [g["templates"] for g in method.groups] == [
+        [LETTER],
+        [SHORT],
+        [f"{IMAGENET}\n{SHORT}"],
+        [f"{GROUNDING} {{}}"],
+    ]
+    records = {r["task"]: r for r in method.history}
+    assert [records[name]["dema"] for name in ORDER] == [False, False, False, True, True, False, True, True]
+    for name in ("GQA", "VizWiz", "VQAv2", "OCRVQA"):  # the short-answer group, to the same template
+        assert records[name]["scores"][1] == pytest.approx(1.0)
+    for name in ("TextVQA", "ImageNet", "Grounding"):  # new groups: below the threshold everywhere
+        assert max(records[name]["scores"]) < 0.9
+    adapter = {name: g["adapter"] for g in method.groups for name in g["tasks"]}
+    for name, task in tasks.items():
+        assert method.eval_routes(ctx, task) == [adapter[name]] * len(task.test), name
+
+
+def test_recurring_questions_are_instance_text_and_a_question_asked_of_every_image_is_instruction(tmp_path):
+    tasks = _coin_tasks(tmp_path)
+    # OCR-VQA asks "Who wrote this book?" of several covers, but other covers get other questions there.
+    templates, patterns = grouping_templates(tasks["OCRVQA"].train, "instruction", 16)
+    assert templates == [SHORT] and patterns.lines == [SHORT]
+    templates, _ = grouping_templates(tasks["ImageNet"].train, "instruction", 16)
+    assert templates == [f"{IMAGENET}\n{SHORT}"]
+    # The <image> placeholder of every image prompt is no template text, so Grounding's one-line prompts
+    # yield the instruction before the referring expression.
+    for name, task in tasks.items():
+        templates, patterns = grouping_templates(task.train, "instruction", 16)
+        assert not any("<image>" in t for t in templates) and "<image>" not in patterns.lines, name
+    assert grouping_templates(tasks["Grounding"].train, "instruction", 16)[0] == [f"{GROUNDING} {{}}"]
+
+
+def test_instruction_variants_in_one_place_are_all_kept():
+    """CoIN-10Type-like data: one of several instructions after the question; a variant seen once does
+    not make the others instance text."""
+    variants = [SHORT, "Respond with one word.", "Give a short answer."]
+    things = ["cat", "bus", "cup", "tree", "kite", "shoe", "lamp", "boat", "desk"]
+    prompts = [f"<image>\nIs there a {thing}?\n{variants[i % 3]}" for i, thing in enumerate(things)]
+    prompts.append("<image>\nWhat colour is it?\nReply tersely.")
+    task = _task("tentype", prompts)
+    templates, patterns = grouping_templates(task.train, "instruction", 16)
+    assert sorted(patterns.lines) == sorted(variants) and sorted(templates[:3]) == sorted(variants)
+    # An instruction first and an input of one to three lines: its place counts from the start.
+    inputs = ["Red sky.", "Calm sea.\nNo wind.", "Dark cloud.\nCold air.\nRain soon.", "Warm sun."]
+    lead = _task("lead", [f"Will it rain? Answer yes or no.\n{text}" for text in inputs])
+    assert grouping_templates(lead.train, "instruction", 16)[0] == ["Will it rain? Answer yes or no."]
+    # A place only the longest prompts reach says nothing: there the recurring question is alone.
+    questions = ["Is it red?", "Is it old?", "Who drew it?", "Is it big?", "Is it new?", "Is it a map?"]
+    longer = ["Who wrote this book?\nSee the cover.", "Who wrote this book?\nSee the spine."]
+    asked = _task("asked", [f"{q}\n{SHORT}" for q in questions + longer])
+    assert grouping_templates(asked.train, "instruction", 16)[0] == [SHORT]

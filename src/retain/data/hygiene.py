@@ -4,11 +4,18 @@ They catch what silently inflates or deflates continual-learning numbers: a dev 
 split (EasyCL's LNT and LFPT5 ship dev == test, so any tuning on dev tunes on test), test prompts that
 also occur in the training data, duplicated examples, empty answers, and answers outside the task's
 label set.
+
+An example with images is the same as another only if its images are the same too: VQA data asks the same
+question about many pictures. Images are compared by their resolved path, not their content: the checks
+run on the full splits before subsampling, and reading every image of a benchmark (CoIN's are tens of
+GB) for a hash would cost more than the run's data loading; benchmark records name each picture by one
+path, so the same picture under two names (a copied file) is the one case this does not catch.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass
 
@@ -31,12 +38,20 @@ class Finding:
         return asdict(self)
 
 
+def _key(example: Example, messages: list[dict[str, str]]) -> str:
+    # Text examples keep their two-item key, so their findings are as before.
+    parts: list = [example.system, messages]
+    if example.images:
+        parts.append([os.path.normpath(path) for path in example.images])
+    return json.dumps(parts, ensure_ascii=False)
+
+
 def _prompt_key(example: Example) -> str:
-    return json.dumps([example.system, example.messages[:-1]], ensure_ascii=False)
+    return _key(example, example.messages[:-1])
 
 
 def _example_key(example: Example) -> str:
-    return json.dumps([example.system, example.messages], ensure_ascii=False)
+    return _key(example, example.messages)
 
 
 def _quoted(values: list[str]) -> str:

@@ -19,6 +19,11 @@ except ImportError:  # pillow is optional (matplotlib pulls it in); without it, 
     Image = None
     UnidentifiedImageError = OSError
 
+
+class ImageFileError(RetainError):
+    """An image a record names is missing or cannot be read (layouts add where their images come from)."""
+
+
 # LLaMA-Factory's IMAGE_PLACEHOLDER (extras/constants.py), also LLaVA's DEFAULT_IMAGE_TOKEN.
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -105,7 +110,7 @@ def resolve_images(
         if path not in checked:
             checked[path] = image_problem(path)
         if checked[path] is not None:
-            raise RetainError(
+            raise ImageFileError(
                 f"{source}: record {index} image {position} ('{raw}' -> {path}) {checked[path]}; "
                 "put the image there, fix the path, or set image_dir to the folder the paths are relative to"
             )

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from tqdm.auto import tqdm
 
 from retain.config import RunConfig, TaskConfig
+from retain.data.answer_styles import diversify
 from retain.data.benchmarks import benchmark_dir, benchmark_tasks, find_benchmark, infer_labels, select_tasks
 from retain.data.dataset_info import load_examples
 from retain.data.formats import Example
@@ -82,8 +83,8 @@ def finish_task(
     labels_declared: bool = False,
     notes: list[str] | None = None,
 ) -> Task:
-    """Check (hygiene, on the full splits), drop test examples without an answer, subsample and add the
-    default system prompt."""
+    """Check (hygiene, on the full splits), drop test examples without an answer, subsample, rewrite the
+    training answers into `stream.answer_styles` and add the default system prompt."""
     findings = check_task(cfg.name, train, test, dev, labels, labels_declared) if run.stream.hygiene else []
     notes = list(notes or [])
     for split, examples, spec in (("train", train, cfg.train), ("test", test, cfg.test or cfg.train)):
@@ -102,6 +103,9 @@ def finish_task(
             notes.append(f"{empty} test example(s) with an empty answer are left out of the test set")
     train = subsample(train, cfg.train_size, run.seed, f"{cfg.name}/train")
     test = subsample(test, cfg.test_size, run.seed, f"{cfg.name}/test")
+    # Training data only: the test set keeps the task's own answer format, which is what is scored.
+    train, restyle_notes = diversify(train, run.stream.answer_styles or {}, run.seed, cfg.name)
+    notes.extend(restyle_notes)
     return Task(
         name=cfg.name,
         train=_with_system(train, run.stream.system),
@@ -165,7 +169,9 @@ def _benchmark_tasks(run: RunConfig) -> tuple[list[Task], list[str], dict]:
     root = benchmark_dir(stream.benchmark_dir)
     benchmark = find_benchmark(stream.benchmark, root)
     names = select_tasks(benchmark, stream.benchmark_order, [t.name for t in stream.tasks], stream.max_tasks)
-    located, warnings = benchmark_tasks(benchmark, root, names, stream.allow_missing)
+    located, warnings = benchmark_tasks(
+        benchmark, root, names, stream.allow_missing, image_dir=stream.image_dir
+    )
     chosen = {t.name: t for t in stream.tasks}
     tasks = []
     for item in tqdm(located, desc=f"loading {benchmark.name}", unit="task", disable=len(located) < 3):

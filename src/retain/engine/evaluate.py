@@ -51,7 +51,10 @@ def _by_route(
 
 
 def _generated(ctx: MethodContext, task, row: int, **generation: Any) -> Answerer[str]:
-    inputs = [encode_prompt_inputs(ctx.tokenizer, example, ctx.processor) for example in task.test]
+    inputs = [
+        encode_prompt_inputs(ctx.tokenizer, example, ctx.processor, defer_images=True)
+        for example in task.test
+    ]
     prompts = [item["input_ids"] for item in inputs]
     images = [{key: value for key, value in item.items() if key not in TEXT_KEYS} for item in inputs]
     with_images = any(images)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,8 +20,7 @@ from retain.evaluation.scoring import get_scorer
 from retain.methods.base import ContinualMethod
 from retain.methods.registry import create_method, resolved_settings
 from retain.models.adapters import select_layers
-from retain.models.loading import model_layer_count
-from retain.models.vision import is_image_text_model
+from retain.models.loading import is_image_text, model_layer_count
 from retain.runtime import BatchLayout, batch_layout, launched_processes
 
 
@@ -117,7 +115,7 @@ def check_images(config: RunConfig, tasks: list[Task], method: ContinualMethod) 
             f"task '{task.name}' has images, and method '{method.name}' writes text-only pseudo samples; "
             "use a method that rehearses real examples (replay, ...) for image data"
         )
-    if os.path.isdir(model) and is_image_text_model(model):
+    if is_image_text(model):
         return
     raise RetainError(
         f"task '{task.name}' has images, but model {model} is a text-only model; use an image-text model "

@@ -6,6 +6,7 @@
   tasks/<k>-<task>/      adapter/ (PEFT format) or model/ (full fine-tuning), method_state.pt, train_log.json
   eval/<k>/<task>.jsonl  prompt, prediction, reference, score per test example
   results.json, report.md, accuracy_matrix.png
+  merges/<name>/, lines/<name>/   written later by `retain merge` / `retain lines` (adapter, eval, results)
 
 docs/architecture.md describes the layout and the states a run goes through.
 """

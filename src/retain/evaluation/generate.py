@@ -23,7 +23,7 @@ from retain.evaluation.scoring import clean_prediction
 CHAT_END_TOKEN = "<|im_end|>"
 
 
-def _eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
+def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
     """Token ids that end an answer: the tokenizer's eos, ChatML's end token, and the model's own eos."""
     ids: list[int] = []
     if tokenizer.eos_token_id is not None:
@@ -111,8 +111,8 @@ def generate(
     it was training.
 
     `images`, for an image-text model, holds each prompt's image inputs (pixel_values, ...: the image
-    keys of `retain.data.encode.encode_prompt_inputs`; an empty dict for a prompt without images); each
-    batch passes those of its prompts, in the batch's order, to `generate`.
+    keys of `retain.data.encode.encode_prompt_inputs`, deferred or not; an empty dict for a prompt without
+    images); each batch reads and passes those of its prompts, in the batch's order, to `generate`.
     """
     if max_new_tokens < 1:
         raise RetainError(f"generation: max_new_tokens is {max_new_tokens}; set it to 1 or more")
@@ -126,7 +126,7 @@ def generate(
             )
     if images is not None and len(images) != len(prompts):
         raise RetainError(f"generation: {len(images)} image inputs for {len(prompts)} prompts")
-    eos_ids = _eos_token_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0] if eos_ids else 0
     device = _device(model)
     # Longest first: batches of similar lengths waste little on padding, and a memory error shows at once.

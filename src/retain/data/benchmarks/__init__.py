@@ -78,7 +78,7 @@ def select_tasks(benchmark: Benchmark, order: str, names: list[str], max_tasks: 
 
 
 def benchmark_tasks(
-    benchmark: Benchmark, root: str, names: list[str], allow_missing: bool
+    benchmark: Benchmark, root: str, names: list[str], allow_missing: bool, image_dir: str = ""
 ) -> tuple[list[BenchmarkTask], list[str]]:
     """The selected tasks whose files exist, and one warning per task dropped for missing files.
 
@@ -93,7 +93,11 @@ def benchmark_tasks(
         raise RetainError(
             f"config: benchmark_dir {root} is not a folder; it should hold {benchmark.expected}"
         )
-    located = benchmark.locate(root)
+    located = (
+        benchmark.locate(root, image_dir=image_dir or None)
+        if benchmark.reads_images
+        else benchmark.locate(root)
+    )
     missing: dict[str, list[str]] = {}
     for name in names:
         task = located.get(name)

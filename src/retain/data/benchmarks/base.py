@@ -47,8 +47,9 @@ class Benchmark:
     description: str
     orders: dict[str, list[str]]
     expected: str  # where the data is expected, relative to benchmark_dir, for messages and listings
-    locate: Callable[[str], dict[str, BenchmarkTask]]  # benchmark_dir -> every task's files
+    locate: Callable[..., dict[str, BenchmarkTask]]  # benchmark_dir -> every task's files
     notes: list[str] = field(default_factory=list)
+    reads_images: bool = False  # locate(root, image_dir=...) takes stream.image_dir
 
     @property
     def task_names(self) -> list[str]:

@@ -7,9 +7,9 @@ tasks, each a folder of LLaVA-format instruction files, with the images under a 
     <benchmark_dir>/cl_dataset/...                                       (images; record paths are relative)
 
 `benchmark_dir` may also be the instruction folder itself (the one holding ScienceQA/, TextVQA/, ...), or
-hold it without `playground/`; the image root is the first `cl_dataset` found at benchmark_dir, beside the
-instruction folder or one level above it. JingyangQiao/CoIN names the original instructions
-`playground/Instructions`; that name is found too.
+hold it without `playground/`; the image root is `stream.image_dir` when set, else the first `cl_dataset`
+found at benchmark_dir, beside the instruction folder or one level above it. JingyangQiao/CoIN names the
+original instructions `playground/Instructions`; that name is found too.
 
 What the reference repositories show (zackschen/CoIN, its README and scripts/LLaVA/{Train,Eval}/*.sh and
 ETrain/Eval/LLaVA/CoIN/*.py; JingyangQiao/CoIN, its README and scripts/CoIN/{Train,Eval}*/*.sh):
@@ -50,7 +50,8 @@ here), and the exact form of the image paths inside the records (taken as relati
 is what `--image_folder ./cl_dataset` implies). GQA is scored by CoIN against GQA's testdev_balanced
 questions file, VizWiz and VQAv2 against the `answer` of val.json; here every task but TextVQA uses its
 file's `answer`. The `Multitask` folder of the dataset (joint training data) is not a task of the order.
-`stream.image_dir` is not used for benchmarks; the image root is found as described above.
+Images that are not there fail when the task is read (before anything trains), naming the image root
+and where it came from (stream.image_dir or the cl_dataset folder found).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ import re
 from retain.data.benchmarks.base import Benchmark, BenchmarkTask
 from retain.data.dataset_info import load_examples, read_json, read_records
 from retain.data.formats import Example
-from retain.data.images import IMAGE_PLACEHOLDER, image_list, resolve_images
+from retain.data.images import IMAGE_PLACEHOLDER, ImageFileError, image_list, resolve_images
 from retain.errors import RetainError
 
 logger = logging.getLogger(__name__)
@@ -224,12 +225,26 @@ def _reference(task: str, record: dict, path: str, index: int, textvqa: dict[str
     return check_box(answer, where) if task == "Grounding" else answer
 
 
-def read_test(task: str, path: str, images: str) -> list[Example]:
+def _image_error(err: ImageFileError, images: str, origin: str) -> ImageFileError:
+    """A missing or unreadable image reported with the image root and where the root came from."""
+    if not os.path.isdir(images):
+        return ImageFileError(
+            f"{err}. CoIN's image folder {images} ({origin}) does not exist; put CoIN's images there "
+            "(cl_dataset/ of the dataset) or set stream.image_dir to the folder holding them"
+        )
+    return ImageFileError(
+        f"{err}. CoIN's images are read from {images} ({origin}); set stream.image_dir to the folder "
+        "the records' image paths are relative to if that is the wrong one"
+    )
+
+
+def read_test(task: str, path: str, images: str, origin: str = "the cl_dataset folder") -> list[Example]:
     """A CoIN question file ({question_id, image, text, answer | answer_bbox}) as one-turn examples whose
-    reference is encoded for the task's scorer. A file of LLaVA conversations is read as training data."""
+    reference is encoded for the task's scorer, image paths resolved against `images` (found as `origin`
+    says). A file of LLaVA conversations is read as training data."""
     records = read_records(path)
     if records and isinstance(records[0], dict) and "conversations" in records[0]:
-        return read_train(task, path, images)
+        return read_train(task, path, images, origin)
     textvqa = None
     if task == "TextVQA":
         annotations = os.path.join(images, TEXTVQA_ANNOTATIONS)
@@ -257,24 +272,37 @@ def read_test(task: str, path: str, images: str) -> list[Example]:
         meta = {"dataset": task, "source": path, "index": index}
         if "question_id" in record:
             meta["question_id"] = record["question_id"]
-        resolved = resolve_images(paths, images, path, index, checked) if paths else []
+        try:
+            resolved = resolve_images(paths, images, path, index, checked) if paths else []
+        except ImageFileError as err:
+            raise _image_error(err, images, origin) from None
         examples.append(Example(messages, meta=meta, images=resolved))
     if not examples:
         raise RetainError(f"{path} holds no records")
     return examples
 
 
-def read_train(task: str, path: str, images: str) -> list[Example]:
-    """A LLaVA conversation file, images resolved against the image root."""
-    examples = load_examples(path, image_dir=images)
+def read_train(task: str, path: str, images: str, origin: str = "the cl_dataset folder") -> list[Example]:
+    """A LLaVA conversation file, images resolved against the image root `images` (found as `origin` says)."""
+    try:
+        examples = load_examples(path, image_dir=images)
+    except ImageFileError as err:
+        raise _image_error(err, images, origin) from None
     for example in examples:
         example.meta["dataset"] = task
     return examples
 
 
-def locate(variant: str, root: str) -> dict[str, BenchmarkTask]:
+def locate(variant: str, root: str, image_dir: str | None = None) -> dict[str, BenchmarkTask]:
+    """Every task's files under `root`; images are read from `image_dir` (stream.image_dir) when given, else
+    from the cl_dataset folder found by `image_root`."""
     instructions = instruction_folder(root, variant)
-    images = image_root(root, instructions)
+    if image_dir:
+        images, origin = os.path.abspath(image_dir), "stream.image_dir"
+    else:
+        images = image_root(root, instructions)
+        found = os.path.isdir(images)
+        origin = f"the {IMAGE_ROOT} folder found" if found else f"no {IMAGE_ROOT} folder found, the default"
     tasks = {}
     for task, scorer in SCORERS.items():
         folder = _child(instructions, task) or os.path.join(instructions, task)
@@ -285,8 +313,10 @@ def locate(variant: str, root: str) -> dict[str, BenchmarkTask]:
         tasks[task] = BenchmarkTask(
             name=task,
             files=files,
-            read=lambda path, task=task, test=files["test"], images=images: (
-                read_test(task, path, images) if path == test else read_train(task, path, images)
+            read=lambda path, task=task, test=files["test"]: (
+                read_test(task, path, images, origin)
+                if path == test
+                else read_train(task, path, images, origin)
             ),
             scorer=scorer,
         )
@@ -316,4 +346,5 @@ def make_benchmark(name: str, root: str | None) -> Benchmark | None:
             f"(images; {TEXTVQA_ANNOTATIONS} for TextVQA's ten answers)"
         ),
         locate=functools.partial(locate, variant),
+        reads_images=True,
     )
