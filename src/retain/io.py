@@ -1,10 +1,14 @@
-"""Atomic file writes: a reader, or a run resumed after a crash, sees the old file or the new one."""
+"""Atomic file and folder writes: a reader, or a run resumed after a crash, sees the old one or the new."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,3 +55,21 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write `obj` as indented JSON to `path` atomically; NaN or infinity is an error (not valid JSON)."""
     write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str, prefix: str = ".tmp-") -> Iterator[str]:
+    """A temporary folder beside `target` to fill in the block; when the block succeeds it replaces
+    `target` whole, when it fails it is removed and `target` is left as it was. The folder follows the
+    umask (mkdtemp alone makes it 0700)."""
+    parent = os.path.dirname(os.path.abspath(target))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        os.chmod(tmp, 0o777 & ~current_umask())
+        yield tmp
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

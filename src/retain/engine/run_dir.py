@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -31,7 +30,7 @@ import yaml
 from retain import __version__
 from retain.config import RunConfig, config_to_dict, dump_config
 from retain.errors import RetainError
-from retain.io import current_umask, write_json_atomic, write_text_atomic
+from retain.io import atomic_directory, write_json_atomic, write_text_atomic
 from retain.methods.registry import create_method, resolved_settings
 from retain.models.adapters import load_trainable, save_trainable, weights_folder
 
@@ -293,19 +292,11 @@ class RunDir:
     def save_checkpoint(self, index: int, name: str, model, method_state: dict, log: list[dict]) -> str:
         """Write tasks/<index>-<name>/ atomically: trainable weights, method state and training log."""
         target = self.task_dir(index, name)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{index}-", dir=os.path.dirname(target))
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700; a checkpoint follows the umask
-        try:
+        with atomic_directory(target, prefix=f".{index}-") as tmp:
             save_trainable(model, os.path.join(tmp, weights_folder(model)))
             torch.save(method_state, os.path.join(tmp, "method_state.pt"))
             with open(os.path.join(tmp, "train_log.json"), "w", encoding="utf-8") as handle:
                 json.dump(log, handle, indent=1)
-            if os.path.isdir(target):
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return target
 
     def load_checkpoint(self, index: int, name: str, model) -> dict:

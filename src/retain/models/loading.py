@@ -21,8 +21,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +29,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from retain.errors import RetainError
+from retain.io import atomic_directory
 from retain.models import visual_builtin
 from retain.models.tiny import TINY_LAYERS, tiny_model, tiny_tokenizer
 from retain.models.vision import is_image_text_model, load_image_text_model, load_processor, text_layer_count
@@ -82,9 +81,7 @@ def _package_file(package: str, filename: str, install_hint: str) -> str:
 def _convert_gguf(gguf_path: str, target: str) -> None:
     """Dequantize a GGUF file into a safetensors model directory, atomically (temp dir + rename)."""
     folder, filename = os.path.split(gguf_path)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".convert-", dir=os.path.dirname(target))
-    try:
+    with atomic_directory(target, prefix=".convert-") as tmp:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
         # The weights are plain fp32 after dequantization; drop the GGUF marker so they can be saved.
@@ -92,9 +89,6 @@ def _convert_gguf(gguf_path: str, target: str) -> None:
         model.config.__dict__.pop("quantization_config", None)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_builtin(name: str) -> tuple[str, bool]:

@@ -24,7 +24,6 @@ import logging
 import os
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -49,6 +48,7 @@ from retain.data.formats import Example
 from retain.data.images import IMAGE_PLACEHOLDER
 from retain.data.synthetic import SYNTHETIC_TASKS
 from retain.data.synthetic_visual import COLOURS, IMAGE_SIZE, KINDS, render_scene
+from retain.io import atomic_directory
 from retain.runtime import bf16_supported
 
 logger = logging.getLogger(__name__)
@@ -448,16 +448,10 @@ def build_visual_model(
 
 
 def _save_encoder(encoder: CLIPVisionModel, stage: str, record: dict[str, Any]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(stage)), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".encoder-", dir=os.path.dirname(os.path.abspath(stage)))
-    try:
+    with atomic_directory(stage, prefix=".encoder-") as tmp:
         encoder.save_pretrained(tmp)
         with open(os.path.join(tmp, "encoder.json"), "w", encoding="utf-8") as handle:
             json.dump(record, handle)
-        shutil.rmtree(stage, ignore_errors=True)
-        os.replace(tmp, stage)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load_language_model(path: str) -> tuple[nn.Module, Any]:
@@ -467,16 +461,8 @@ def _load_language_model(path: str) -> tuple[nn.Module, Any]:
 
 
 def _save(model: nn.Module, processor: Any, target: str, record: dict[str, Any]) -> None:
-    parent = os.path.dirname(os.path.abspath(target))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".build-", dir=parent)
-    try:
+    with atomic_directory(target, prefix=".build-") as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         with open(os.path.join(tmp, "build.json"), "w", encoding="utf-8") as handle:
             json.dump(record, handle, indent=2)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
