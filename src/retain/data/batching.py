@@ -75,6 +75,18 @@ def image_batch(features: list[dict[str, Any]], length: int) -> dict[str, torch.
     return batch
 
 
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token lists left-padded to the longest: every sequence ends in the
+    last column, where generation continues."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        ids[row, width - len(sequence) :] = torch.tensor(sequence, dtype=torch.long)
+        mask[row, width - len(sequence) :] = 1
+    return ids, mask
+
+
 def collate(features: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Left-pad input_ids/labels/attention_mask, derive position_ids that skip the padding, and batch
     the image inputs of image examples (`image_batch`)."""

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from retain.data.batching import image_batch
+from retain.data.batching import image_batch, left_pad
 from retain.errors import RetainError
 from retain.evaluation.scoring import clean_prediction
 
@@ -143,13 +143,8 @@ def generate(
         ):
             for start in range(0, len(order), batch_size):
                 batch = order[start : start + batch_size]
-                width = len(prompts[batch[0]])
-                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, k in enumerate(batch):
-                    # Left padding: every prompt ends at the last column, where generation continues.
-                    input_ids[row, width - len(prompts[k]) :] = torch.tensor(prompts[k], dtype=torch.long)
-                    attention_mask[row, width - len(prompts[k]) :] = 1
+                input_ids, attention_mask = left_pad([prompts[k] for k in batch], pad_id)
+                width = input_ids.shape[1]
                 pictures = image_batch([images[k] for k in batch], width) if images is not None else {}
                 output = model.generate(
                     input_ids=input_ids.to(device),

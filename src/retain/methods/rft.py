@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from retain.data.batching import IGNORE_INDEX
+from retain.data.batching import IGNORE_INDEX, left_pad
 from retain.data.encode import encode_prompt
 from retain.data.formats import Example
 from retain.errors import RetainError
@@ -172,12 +172,7 @@ def sample_completions(
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            width = max(len(p) for p in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, prompt in enumerate(chunk):
-                ids[row, width - len(prompt) :] = torch.tensor(prompt)
-                mask[row, width - len(prompt) :] = 1
+            ids, mask = left_pad(chunk, pad)
             generated = model.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
@@ -190,7 +185,7 @@ def sample_completions(
                 pad_token_id=pad,
                 use_cache=True,
             )
-            for row in generated[:, width:].tolist():
+            for row in generated[:, ids.shape[1] :].tolist():
                 ends = [i for i, token in enumerate(row) if token in eos]
                 out.append(row[: ends[0] + 1] if ends else row)
     finally:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from retain.data.batching import left_pad
 from retain.errors import RetainError
 from retain.methods.base import MethodContext
 from retain.methods.common import pseudo
@@ -141,12 +142,7 @@ def prompt_features(
     with pseudo.train_mode_kept(model):
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start : start + batch_size]
-            width = max(len(p) for p in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, p in enumerate(batch):
-                ids[r, width - len(p) :] = torch.tensor(p)
-                mask[r, width - len(p) :] = 1
+            ids, mask = left_pad(batch, pad_id)
             position_ids = (mask.cumsum(1) - 1).clamp(min=0)
             out = model(
                 input_ids=ids.to(device),
