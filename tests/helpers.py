@@ -79,6 +79,20 @@ def retain(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([*RETAIN, *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=300)
 
 
+def retain_in_process(*args: str, capsys) -> subprocess.CompletedProcess:
+    """`retain.cli.main(args)` in this process (no 3-5 s of imports per call), shaped like `retain`'s
+    result. For commands that only read and print; runs that train go through the real command."""
+    from retain.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # argparse's usage errors and --help
+        code = exc.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(["retain", *args], code, captured.out, captured.err)
+
+
 class Crash(RuntimeError):
     pass
 

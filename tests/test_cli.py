@@ -13,7 +13,7 @@ import pytest
 
 from retain import cli
 
-from .helpers import ENV, RETAIN, assert_same, retain, write_config
+from .helpers import ENV, RETAIN, assert_same, retain, retain_in_process, write_config
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
@@ -66,23 +66,23 @@ def test_metrics_of_any_json_holding_a_matrix(tmp_path):
     assert metrics["last"] == pytest.approx(0.7)
 
 
-def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path):
+def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys):
     config = write_config(tmp_path)
-    proc = retain("run", config, "--dry-run", "method.name=replay", "train.learning_rate=1e-4")
+    proc = retain_in_process(
+        "run", config, "--dry-run", "method.name=replay", "train.learning_rate=1e-4", capsys=capsys
+    )
     assert proc.returncode == 0, proc.stderr
     for needle in ("replay", "parity", "capital_letters", "dry run", str(tmp_path / "run")):
         assert needle in proc.stdout
     assert not (tmp_path / "run").exists()
 
 
-def test_dry_run_shows_the_global_batch_for_the_launched_processes(tmp_path):
+def test_dry_run_shows_the_global_batch_for_the_launched_processes(tmp_path, monkeypatch, capsys):
     config = write_config(tmp_path)  # 4 per device
-    env = {**ENV, "WORLD_SIZE": "2"}  # what torchrun --nproc_per_node 2 sets
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun --nproc_per_node 2 sets
 
     def dry(*overrides: str) -> str:
-        proc = subprocess.run(
-            [*RETAIN, "run", config, "--dry-run", *overrides], capture_output=True, text=True, env=env
-        )
+        proc = retain_in_process("run", config, "--dry-run", *overrides, capsys=capsys)
         assert proc.returncode == 0, proc.stderr
         return " ".join(proc.stdout.split())
 
@@ -94,15 +94,17 @@ def test_dry_run_shows_the_global_batch_for_the_launched_processes(tmp_path):
     assert "set train.global_batch_size" not in out
 
 
-def test_dry_run_of_a_combination_shows_every_component(tmp_path):
+def test_dry_run_of_a_combination_shows_every_component(tmp_path, capsys):
     config = write_config(tmp_path)
-    proc = retain("run", config, "--dry-run", "method.name=replay", "method.plus=[ewc]")
+    proc = retain_in_process(
+        "run", config, "--dry-run", "method.name=replay", "method.plus=[ewc]", capsys=capsys
+    )
     assert proc.returncode == 0, proc.stderr
     assert "replay ReplayConfig" in proc.stdout and "ewc EWCConfig" in proc.stdout
 
 
-def test_methods_lists_names_and_hyper_parameters():
-    proc = retain("methods")
+def test_methods_lists_names_and_hyper_parameters(capsys):
+    proc = retain_in_process("methods", capsys=capsys)
     assert proc.returncode == 0
     for needle in (
         "sequential",

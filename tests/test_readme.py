@@ -11,7 +11,7 @@ import pytest
 
 from retain.config import load_config
 
-from .helpers import retain
+from .helpers import retain_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -40,10 +40,11 @@ def test_the_setup_says_how_to_reach_the_installed_command():
 
 
 @pytest.mark.parametrize("line", [line for line in _tour_lines() if re.match(r"retain run examples/", line)])
-def test_each_run_line_of_the_tour_is_accepted(line):
+def test_each_run_line_of_the_tour_is_accepted(line, monkeypatch, capsys):
     args = shlex.split(line)[1:]
     if "--dry-run" not in args:
         args.append("--dry-run")
-    proc = retain(*args, cwd=str(ROOT))
+    monkeypatch.chdir(ROOT)
+    proc = retain_in_process(*args, capsys=capsys)
     assert proc.returncode == 0, proc.stderr
     assert "dry run: nothing was trained" in proc.stdout

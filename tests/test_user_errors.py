@@ -1,9 +1,11 @@
 """Every user mistake, through the real `retain` command: exit code 2, exactly one `error:` line on
 stderr, no traceback, and an existing run directory left byte for byte as it was.
 
-One tiny run (1 task, 2 steps) is built once for the module; each case runs the command in a subprocess
-(about 3 s each, the CLI's import cost). Cases about permissions run the command without root's power to
-write anywhere when the tests run as root (setpriv drops those capabilities).
+One tiny run (1 task, 2 steps) is built once for the module. Most cases call `retain.cli.main` in this
+process (a subprocess costs about 3-5 s of imports each); the cases marked `subprocess` run the real
+command, so that logging set-up, exit code and stderr are checked end to end for each kind of mistake.
+Cases about permissions run the command without root's power to write anywhere when the tests run as root
+(setpriv drops those capabilities), and so always in a subprocess.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from .helpers import ENV, RETAIN, retain, tiny_config
+from .helpers import ENV, RETAIN, retain, retain_in_process, tiny_config
 
 
 def file_hashes(folder: str) -> dict[str, str]:
@@ -122,6 +124,7 @@ class Case:
     existing: bool = True  # run against the existing run directory: every file of it stays as it was
     read_only: bool = False  # the run directory is made read-only (and root's override is dropped)
     unprivileged: bool = False  # run without root's override of permissions (implied by read_only)
+    subprocess: bool = False  # run the real `retain` command rather than `retain.cli.main` in this process
     xfail: str = ""
 
 
@@ -132,7 +135,10 @@ def run_case(*overrides: str) -> list[str]:
 CASES = [
     # Config values: refused when the config is read, naming the key.
     Case(
-        "unknown-method", run_case("method.name=replya"), ["unknown method 'replya'", "did you mean: replay"]
+        "unknown-method",
+        run_case("method.name=replya"),
+        ["unknown method 'replya'", "did you mean: replay"],
+        subprocess=True,
     ),
     Case(
         "misspelt-key", run_case("train.learnig_rate=1e-4"), ["learnig_rate", "did you mean: learning_rate"]
@@ -185,6 +191,7 @@ CASES = [
         "broken-json",
         run_case("stream.dataset_dir={data}", "stream.tasks=[broken]"),
         ["broken.json", "line 2"],
+        subprocess=True,
     ),
     Case(
         "missing-column",
@@ -270,7 +277,7 @@ def _run_unprivileged(args: list[str]) -> subprocess.CompletedProcess:
         for c in CASES
     ],
 )
-def test_user_error(world, case):
+def test_user_error(world, case, capsys):
     args = [_fill(a, world) for a in case.args]
     needles = [_fill(n, world) for n in case.needles]
     if case.read_only:
@@ -281,8 +288,10 @@ def test_user_error(world, case):
             _set_writable(world["run"], True)
     elif case.unprivileged:
         proc = _run_unprivileged(args)
-    else:
+    elif case.subprocess:
         proc = retain(*args)
+    else:
+        proc = retain_in_process(*args, capsys=capsys)
     assert_user_error(proc, *needles, absent=case.absent)
     if case.existing:
         assert file_hashes(world["run"]) == world["hashes"]

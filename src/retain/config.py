@@ -40,6 +40,8 @@ SchedulerName = Literal[
     "greedy",
 ]
 SEED_LIMIT = 2**32  # numpy's seeds are below 2**32; a task's seed is seed + task index
+# The trackers train.report_to can name (transformers' integrations of the same names).
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 # The answer styles `stream.answer_styles` can rewrite training answers into (retain/data/answer_styles.py
 # implements each one; tests/data/test_answer_styles.py checks that the two lists agree).
 ANSWER_STYLES = ("yes_no", "multiple_choice", "sentence")
@@ -78,6 +80,29 @@ class ModelConfig:
     template: str = field(
         default="auto",
         metadata={"help": "chat template: auto uses the model's own; LLaMA-Factory names are accepted"},
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(
+        default="float32",
+        metadata={
+            "help": "dtype the weights load in: float32, bfloat16, float16, or auto (bfloat16 where the "
+            "hardware supports it, else float32); methods' own state (EMA copies, Fisher) stays float32"
+        },
+    )
+    attn_implementation: str = field(
+        default="",
+        metadata={"help": "attention kernel: eager, sdpa, flash_attention_2 (empty: transformers' default)"},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "run the model's own Python code from its folder or cache entry (opt-in)"},
+    )
+    adapter_name_or_path: str = field(
+        default="",
+        metadata={"help": "a LoRA adapter folder the stream starts from (trained further on task 1)"},
+    )
+    use_dora: bool = field(default=False, metadata={"help": "DoRA: weight-decomposed LoRA (PEFT use_dora)"})
+    use_rslora: bool = field(
+        default=False, metadata={"help": "rank-stabilised LoRA scaling alpha/sqrt(r) (PEFT use_rslora)"}
     )
 
 
@@ -177,6 +202,24 @@ class TrainConfig:
         default="auto", metadata={"help": "auto (on where the CPU/GPU supports it), true, false"}
     )
     logging_steps: int = 10
+    warmup_steps: int = field(
+        default=0, metadata={"help": "optimizer steps spent warming up (overrides warmup_ratio when > 0)"}
+    )
+    optim: str = field(
+        default="adamw_torch",
+        metadata={"help": "a transformers optimizer name (adamw_torch, sgd, adafactor, ...)"},
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "recompute activations in the backward pass: less memory, ~30% slower"},
+    )
+    report_to: str = field(
+        default="none",
+        metadata={
+            "help": "experiment trackers: none, or tensorboard, wandb, mlflow (comma-separated for several); "
+            "one tracker run per stream"
+        },
+    )
 
 
 @dataclass
@@ -536,6 +579,21 @@ def _answer_styles(stream: StreamConfig) -> None:
         )
 
 
+def report_to(train: TrainConfig) -> list[str]:
+    """`train.report_to` as a list of tracker names (empty for none); unknown names are refused."""
+    names = [n.strip().lower() for n in str(train.report_to).split(",") if n.strip()]
+    if names in ([], ["none"]):
+        return []
+    for name in names:
+        if name not in TRACKERS:
+            raise RetainError(
+                f"config: train.report_to '{name}' is not a tracker retain knows"
+                f"{did_you_mean(name, list(TRACKERS))}; "
+                f"use none or one or more of {', '.join(TRACKERS)} (comma-separated)"
+            )
+    return names
+
+
 def validate(config: RunConfig) -> None:
     """Check the values that can be checked without loading data or models."""
     _positive(config.model.lora_rank, "model.lora_rank", allow_none=False)
@@ -551,6 +609,8 @@ def validate(config: RunConfig) -> None:
     _not_negative(config.train.weight_decay, "train.weight_decay")
     _not_negative(config.train.max_grad_norm, "train.max_grad_norm", " (0 turns gradient clipping off)")
     _positive(config.train.logging_steps, "train.logging_steps", allow_none=False)
+    _not_negative(config.train.warmup_steps, "train.warmup_steps")
+    report_to(config.train)
     if config.train.max_steps == 0 or config.train.max_steps < -1:
         raise RetainError(
             f"config: train.max_steps must be a positive number of optimizer steps, or -1 to train "

@@ -91,6 +91,19 @@ def test_a_run_saved_with_only_the_changed_settings_resumes_and_a_changed_settin
         run_dir.check_resumable(planned({"ewc_lambda": 7.0, "gamma": 0.5}))
 
 
+def test_a_run_saved_before_a_setting_existed_resumes_at_its_default_and_not_at_another_value(tmp_path):
+    config = config_from_dict(tiny_config(tmp_path, "sequential"))
+    run_dir = RunDir(config.output_dir)
+    run_dir.save_state(RunState(tasks=["parity", "capital_letters"], trained=1))
+    saved = yaml.safe_load(dump_config(config))
+    del saved["model"]["dtype"], saved["train"]["optim"]  # as a version without these settings wrote it
+    write_text_atomic(run_dir.config_path, yaml.safe_dump(saved))
+    run_dir.check_resumable(config)
+    other = config_from_dict(tiny_config(tmp_path, "sequential", model={"dtype": "bfloat16"}))
+    with pytest.raises(RetainError, match=r"model\.dtype: 'float32' -> 'bfloat16'"):
+        run_dir.check_resumable(other)
+
+
 def test_checkpoints_follow_the_umask_and_a_resume_after_row_0_says_so(tmp_path, caplog):
     import os
     import stat

@@ -36,7 +36,7 @@ from retain.models.adapters import load_trainable, save_trainable, weights_folde
 
 # Settings that may change between a run and its resumption without changing its results. (Not
 # eval.batch_size: under bf16 autocast the batch composition can flip a near-tie in greedy decoding.)
-RESUME_MAY_CHANGE = {"train.logging_steps", "output_dir"}
+RESUME_MAY_CHANGE = {"train.logging_steps", "train.report_to", "output_dir"}
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +170,9 @@ class RunDir:
         if isinstance(saved.get("method"), dict):
             saved["method"]["params"] = resolved_params(saved["method"])
         old, new = _flatten(saved), _flatten(config_to_dict(config))
+        # A setting added after this run was saved: the run used what is now its default.
+        defaults = _flatten(config_to_dict(RunConfig()))
+        old.update({k: defaults[k] for k in set(new) - set(old) if k in defaults})
         changed = sorted(
             k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUME_MAY_CHANGE
         )
