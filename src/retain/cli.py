@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import warnings
 
@@ -194,6 +195,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from retain.engine.loop import run_experiment
     from retain.evaluation.report import print_report
 
+    if args.overrides:
+        return _eval_with_overrides(args)
     config_file = os.path.join(args.run_dir, "config.yaml")
     if not os.path.isfile(config_file):
         raise RetainError(f"{args.run_dir} is not a retain run directory (no config.yaml)")
@@ -207,6 +210,58 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = run_experiment(config, train=False, evaluate=True)
     if results is not None and int(os.environ.get("RANK", "0")) == 0:
         print_report(results, _console())
+    return 0
+
+
+def _eval_label(overrides: list[str]) -> str:
+    """A folder name for a set of eval.* overrides: `mode=rank,max_new_tokens=64`."""
+    parts = [o.split("=", 1)[0].removeprefix("eval.") + "=" + o.split("=", 1)[1] for o in sorted(overrides)]
+    return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", ",".join(parts))[:120]
+
+
+def _eval_with_overrides(args: argparse.Namespace) -> int:
+    """Every trained row again under other eval.* settings, into evals/<name>/ (the recorded rows stay)."""
+    from retain.config import config_from_dict, config_to_dict, parse_overrides, read_yaml
+    from retain.evaluation.report import build_results, print_report
+    from retain.io import write_json_atomic
+
+    changed = parse_overrides(args.overrides)
+    others = sorted(k for k in changed if k != "eval")
+    if others:
+        raise RetainError(
+            f"retain eval RUN_DIR takes only eval.* settings (got {', '.join(others)}): the others decide "
+            "how the run trained and are fixed in its config.yaml; start a new run to change them"
+        )
+    config, folder, state = _open_run(args.run_dir)
+    raw = read_yaml(folder.config_path)
+    raw["output_dir"] = config.output_dir.replace("{", "{{").replace("}", "}}")
+    config = config_from_dict(raw, source=folder.config_path, overrides=args.overrides)
+    name = args.name or _eval_label(args.overrides)
+    out = os.path.join(folder.path, "evals", name)
+    _writable_folder(folder.path, "run directory", "retain eval writes evals/ there: make it writable")
+    experiment = _experiment(config, folder)
+    tasks = [t.name for t in experiment.plan.tasks]
+    first = 0 if config.eval.before_training else 1
+    matrix: list[list[float] | None] = [None] * (state.trained + 1)
+    _replace_folder(out)
+    for row in range(first, state.trained + 1):
+        experiment.restore(row)
+        matrix[row] = _evaluate_into(experiment, experiment.method, row, os.path.join(out, "eval", str(row)))
+    results = build_results(
+        tasks,
+        matrix,
+        config.method.name,
+        {},
+        extra={
+            "eval": config_to_dict(config)["eval"],
+            "overrides": list(args.overrides),
+            "run_dir": folder.path,
+        },
+        joint=experiment.plan.joint,
+    )
+    write_json_atomic(os.path.join(out, "results.json"), results)
+    print_report(results, _console())
+    _console().print(f"rows under {', '.join(args.overrides)}: {out} (the run's recorded rows are unchanged)")
     return 0
 
 
@@ -550,8 +605,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true", help="print the plan; train nothing")
     train.set_defaults(func=lambda a: cmd_run(a, train=True, evaluate=False))
 
-    ev = sub.add_parser("eval", help="evaluate a run directory's saved per-task checkpoints")
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a run directory's saved per-task checkpoints; with eval.* overrides, every row again "
+        "under those settings into RUN_DIR/evals/<name>/",
+    )
     ev.add_argument("run_dir")
+    ev.add_argument("overrides", nargs="*", help="eval.key=value settings, e.g. eval.mode=rank")
+    ev.add_argument("--name", default="", help="the folder under evals/ (default: from the overrides)")
     ev.set_defaults(func=cmd_eval)
 
     metrics = sub.add_parser("metrics", help='CL metrics from results.json or any JSON holding "matrix"')
@@ -602,6 +663,11 @@ def build_parser() -> argparse.ArgumentParser:
     lines.add_argument("--last-only", action="store_true", help="only the checkpoint after the last task")
     lines.add_argument("--name", help="subfolder of <run_dir>/lines/ (default: alpha<a>-beta<b>)")
     lines.set_defaults(func=cmd_lines)
+    for command in sub.choices.values():
+        # `retain run CONFIG -v` as well as `retain -v run CONFIG`; SUPPRESS keeps a -v given before.
+        command.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log more"
+        )
     return parser
 
 

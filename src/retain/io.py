@@ -1,4 +1,5 @@
-"""Atomic file and folder writes: a reader, or a run resumed after a crash, sees the old one or the new."""
+"""Atomic file and folder writes (a reader, or a run resumed after a crash, sees the old one or the new) and
+exclusive locks on open files that work on POSIX and Windows."""
 
 from __future__ import annotations
 
@@ -7,10 +8,20 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+if os.name == "nt":
+    import msvcrt
+else:
+    import fcntl
+
+# Windows locks byte ranges, and a locked range cannot be read by another process; the lock sits on one
+# byte far past anything written, so a refused process can still read who holds the file.
+_WINDOWS_LOCK_OFFSET = 1 << 30
 
 
 def current_umask() -> int:
@@ -73,3 +84,45 @@ def atomic_directory(target: str, prefix: str = ".tmp-") -> Iterator[str]:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def try_lock(handle: IO) -> bool:
+    """Take an exclusive lock on the open file `handle` without waiting; False if another process holds it.
+
+    The lock is the process's own (flock on POSIX, msvcrt.locking on Windows): it goes when the file is
+    closed or the process dies, so a killed run never leaves a stale lock behind."""
+    if os.name == "nt":
+        position = handle.tell()
+        try:
+            handle.seek(_WINDOWS_LOCK_OFFSET)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+        finally:
+            handle.seek(position)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def lock(handle: IO, poll_seconds: float = 0.5) -> None:
+    """Wait for an exclusive lock on the open file `handle` (see `try_lock`)."""
+    if os.name != "nt":
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        return
+    while not try_lock(handle):
+        time.sleep(poll_seconds)
+
+
+def unlock(handle: IO) -> None:
+    """Release a lock taken with `try_lock` or `lock`."""
+    if os.name == "nt":
+        position = handle.tell()
+        handle.seek(_WINDOWS_LOCK_OFFSET)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+        handle.seek(position)
+    else:
+        fcntl.flock(handle, fcntl.LOCK_UN)

@@ -9,6 +9,7 @@ import pytest
 
 from retain.errors import RetainError
 from retain.models.embedder import (
+    STOP_WORDS,
     MiniLMEmbedder,
     TfidfSimilarity,
     build_similarity,
@@ -19,7 +20,7 @@ from retain.models.embedder import (
 
 
 def test_tfidf_tokens_are_lowercased_words_without_stop_words_or_single_letters():
-    assert tfidf_tokens("Is {} even OR odd? Answer with a B.") == ["even", "odd", "answer"]
+    assert tfidf_tokens("Is {} even OR odd? Answer with a B.") == ["odd", "answer"]  # "even" is a stop word
 
 
 def test_tfidf_pair_similarity_matches_a_hand_computed_case():
@@ -61,3 +62,29 @@ def test_minilm_embeds_offline_and_ranks_a_paraphrase_above_an_unrelated_prompt(
         ["Say whether {} is an odd or an even number.", "Translate {} into French."],
     )
     assert scores[0, 0] > scores[0, 1] + 0.2
+
+
+# Instruction templates as LCIA groups them (CoIN-like and the synthetic tasks' prompts).
+TEMPLATE_PAIRS = [
+    ("Is the number of letters even or odd? Answer with one word.", "Answer with the number only."),
+    ("What is the capital letter in this word? Answer with the letter only.", "Name the capital letter."),
+    ("Classify the sentiment of the review as positive or negative.", "Is this review positive?"),
+    (
+        "What is the object in the image? Answer the question using a single word or phrase.",
+        "Where is the object in the image? Please describe it first, then answer.",
+    ),
+    ("Which of these numbers is the largest? Reply with it alone.", "Give the largest number."),
+    ("Describe the picture in one sentence.", "How many shapes are there? Answer with a number."),
+]
+
+
+def test_tfidf_pair_similarity_equals_scikit_learns_vectorizer_with_english_stop_words():
+    """The LCIA reference fits TfidfVectorizer(stop_words="english") on each pair; scores must agree."""
+    text = pytest.importorskip("sklearn.feature_extraction.text", reason="scikit-learn is not installed")
+    from sklearn.metrics.pairwise import cosine_similarity
+
+    assert frozenset(text.ENGLISH_STOP_WORDS) == STOP_WORDS
+    for a, b in TEMPLATE_PAIRS:
+        vectors = text.TfidfVectorizer(stop_words="english").fit_transform([a, b])
+        expected = float(cosine_similarity(vectors[0], vectors[1])[0, 0])
+        assert tfidf_pair_similarity(a, b) == pytest.approx(expected, abs=1e-12), (a, b)

