@@ -16,7 +16,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "retain"
 TESTS = Path(__file__).resolve().parent
 LAYERS = [
-    ("errors", "config", "io", "runtime", "__init__"),
+    ("errors", "config", "config_compat", "io", "runtime", "__init__"),
     ("data",),
     ("models",),
     ("evaluation",),

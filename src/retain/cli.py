@@ -1,4 +1,4 @@
-"""The `retain` command: run, train, eval, metrics, methods, benchmarks, compare, merge, lines.
+"""The `retain` command: run, train, eval, metrics, config, methods, benchmarks, compare, merge, lines.
 
 User mistakes (bad config, data or paths) print one `error:` line on stderr and exit with code 2, with
 no traceback and without touching an existing run directory.
@@ -275,6 +275,14 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         print(json.dumps(metrics, indent=2))
     else:
         print_report({**data, "metrics": metrics, "method": data.get("method", "?")}, _console())
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """`retain config [SECTION]`: each setting's key, type, default, help and LLaMA-Factory/EasyCL names."""
+    from retain.config import config_reference
+
+    print(config_reference(args.section), end="")
     return 0
 
 
@@ -619,6 +627,14 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("file")
     metrics.add_argument("--json", action="store_true", help="print the metrics as JSON")
     metrics.set_defaults(func=cmd_metrics)
+
+    config = sub.add_parser(
+        "config", help="list every config key with its type, default, help and LLaMA-Factory/EasyCL names"
+    )
+    config.add_argument(
+        "section", nargs="?", default="", help="one of run, model, stream, task, method, train, eval"
+    )
+    config.set_defaults(func=cmd_config)
 
     methods = sub.add_parser("methods", help="list the methods and their hyper-parameters")
     methods.set_defaults(func=cmd_methods)

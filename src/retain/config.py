@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
+from retain import config_compat as compat
+from retain.config_compat import FLAT_ALIASES
 from retain.errors import RetainError, did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -171,14 +173,18 @@ class MethodConfig:
 
 @dataclass
 class TrainConfig:
-    learning_rate: float = 2e-4
-    num_train_epochs: float = 1.0
+    learning_rate: float = field(
+        default=2e-4, metadata={"help": "peak learning rate of each task's schedule"}
+    )
+    num_train_epochs: float = field(default=1.0, metadata={"help": "epochs per task (when max_steps is -1)"})
     max_steps: int = field(
         default=-1,
         metadata={"help": "optimizer steps per task (> 0), or -1 to train num_train_epochs epochs"},
     )
-    per_device_train_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
+    per_device_train_batch_size: int = field(
+        default=8, metadata={"help": "examples per micro-batch per process"}
+    )
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     global_batch_size: int | None = field(
         default=None,
         metadata={
@@ -201,7 +207,7 @@ class TrainConfig:
     bf16: Literal["auto", "true", "false"] = field(
         default="auto", metadata={"help": "auto (on where the CPU/GPU supports it), true, false"}
     )
-    logging_steps: int = 10
+    logging_steps: int = field(default=10, metadata={"help": "optimizer steps between loss log lines"})
     warmup_steps: int = field(
         default=0, metadata={"help": "optimizer steps spent warming up (overrides warmup_ratio when > 0)"}
     )
@@ -224,8 +230,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    max_new_tokens: int = 32
-    batch_size: int = 32
+    max_new_tokens: int = field(default=32, metadata={"help": "longest generated answer, in tokens"})
+    batch_size: int = field(default=32, metadata={"help": "prompts per generation (or ranking) batch"})
     before_training: bool = field(
         default=True, metadata={"help": "evaluate the untrained model (row 0, FWT)"}
     )
@@ -252,42 +258,19 @@ class RunConfig:
             "filled in, so each method of one config gets its own run"
         },
     )
-    seed: int = 42
+    seed: int = field(
+        default=42, metadata={"help": "seed of data order, subsets, held-out splits and methods"}
+    )
 
 
-# LLaMA-Factory's flat names -> where they live here.
-FLAT_ALIASES: dict[str, str] = {
-    "model_name_or_path": "model.name_or_path",
-    "finetuning_type": "model.finetuning_type",
-    "lora_rank": "model.lora_rank",
-    "lora_alpha": "model.lora_alpha",
-    "lora_dropout": "model.lora_dropout",
-    "lora_target": "model.lora_target",
-    "lora_layers": "model.lora_layers",
-    "template": "model.template",
-    "cutoff_len": "train.cutoff_len",
-    "per_device_train_batch_size": "train.per_device_train_batch_size",
-    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
-    "global_batch_size": "train.global_batch_size",
-    "learning_rate": "train.learning_rate",
-    "num_train_epochs": "train.num_train_epochs",
-    "max_steps": "train.max_steps",
-    "lr_scheduler_type": "train.lr_scheduler_type",
-    "warmup_ratio": "train.warmup_ratio",
-    "bf16": "train.bf16",
-    "dataset_dir": "stream.dataset_dir",
-    "image_dir": "stream.image_dir",
-    "tasks": "stream.tasks",
-    "train_size": "stream.train_size",
-    "test_size": "stream.test_size",
-    "benchmark": "stream.benchmark",
-    "benchmark_order": "stream.benchmark_order",
-    "benchmark_dir": "stream.benchmark_dir",
-    "max_tasks": "stream.max_tasks",
-    "allow_missing": "stream.allow_missing",
-    "max_new_tokens": "eval.max_new_tokens",
-}
 SECTION_ALIASES = {"model": {"model_name_or_path": "name_or_path"}}
+# The sections whose keys are checked by name (method holds the method's own settings).
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "stream": StreamConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+}
 
 
 def _field_names(cls: type) -> list[str]:
@@ -393,25 +376,83 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _normalise_tree(raw: dict, source: str) -> dict:
-    """Move LLaMA-Factory flat names into their sections and method settings into method.params."""
+def _normalise_tree(raw: dict) -> tuple[dict, compat.Translation]:
+    """Map LLaMA-Factory / EasyCL / flat names into their sections and method settings into method.params."""
+    found = compat.translate(raw)
     tree: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key in FLAT_ALIASES:
-            _set_dotted(tree, FLAT_ALIASES[key], value)
+    for key, value in found.entries.items():
+        if key == "method" and isinstance(value, str):
+            value = {"name": value}  # `method: ewc` is shorthand for `method: {name: ewc}`
+        if "." in key:
+            _set_dotted(tree, key, value)
         elif isinstance(value, dict) and isinstance(tree.get(key), dict):
-            tree[key].update(value)
+            tree[key] = _merge(tree[key], value)
         else:
             tree[key] = value
     method = tree.get("method")
-    if isinstance(method, str):
-        tree["method"] = {"name": method}
-    elif isinstance(method, dict):
+    if isinstance(method, dict):
         params = dict(method.get("params") or {})
         params.update({k: v for k, v in method.items() if k not in ("name", "params")})
         # No name here (an override like method.dema=false) keeps the name given elsewhere.
         tree["method"] = {"params": params, **({"name": method["name"]} if "name" in method else {})}
-    return tree
+    return tree, found
+
+
+def _unknown_keys(tree: dict) -> list[tuple[str, str]]:
+    """(short, full) messages for each key no section knows, with suggestions from every known name."""
+    problems = []
+    top = _field_names(RunConfig)
+    for key, value in tree.items():
+        if key not in top:
+            hint = compat.suggest(str(key), [*top, *compat.known_keys()])
+            short = f"unknown key '{key}'{hint}"
+            known = f"; known keys: {', '.join(top)} (and the flat names `retain config` lists)"
+            problems.append((short, short + known))
+        elif key in _SECTIONS and isinstance(value, dict):
+            names = _field_names(_SECTIONS[key])
+            for sub in value:
+                if SECTION_ALIASES.get(key, {}).get(sub, sub) not in names:
+                    short = f"unknown key '{key}.{sub}'{compat.suggest(str(sub), names)}"
+                    problems.append((short, f"{short}; known keys in {key}: {', '.join(names)}"))
+    return problems
+
+
+def _refuse(found: compat.Translation, tree: dict) -> None:
+    """Raise one error naming every refused and every unknown key, if any."""
+    unknown = _unknown_keys(tree)
+    if len(unknown) == 1 and not found.refused:
+        raise RetainError(f"config: {unknown[0][1]}")
+    problems = found.refused + [short for short, _ in unknown]
+    if problems:
+        raise compat.problems_error(problems)
+
+
+def _apply_test_sets(config: RunConfig, found: compat.Translation, source: str) -> None:
+    """`dataset:` tasks get their `<name>_test` entries; say which fall back to a held-out split."""
+    if not found.dataset_tasks:
+        return
+    missing, path = compat.resolve_test_sets(
+        config.stream.tasks, found.dataset_tasks, config.stream.dataset_dir
+    )
+    if missing:
+        logger.warning(
+            "%s: no test set for %s (no eval_dataset, no <name>_test entry in %s): each holds out part "
+            "of its training data as its test set",
+            source,
+            ", ".join(missing),
+            path,
+        )
+
+
+def _log_translation(found: compat.Translation, source: str) -> None:
+    for note in dict.fromkeys(found.notes):
+        logger.info("%s: %s", source, note)
+    if found.ignored:
+        logger.info(
+            "%s: accepted, changing nothing for retain: %s (docs/llamafactory_easycl.md says why)",
+            source,
+            ", ".join(dict.fromkeys(found.ignored)),
+        )
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -461,16 +502,23 @@ def read_yaml(path: str) -> dict:
 def config_from_dict(
     raw: dict, source: str = "config", overrides: list[str] | None = None, name: str = "run"
 ) -> RunConfig:
-    """Build and validate a RunConfig from a raw mapping plus dotted overrides; `name` fills `{config}`."""
-    tree = _normalise_tree(raw, source)
+    """Build and validate a RunConfig from a raw mapping plus dotted overrides; `name` fills `{config}`.
+
+    Every refused or unknown key (LLaMA-Factory's and EasyCL's included) is named in one error.
+    """
+    tree, found = _normalise_tree(raw)
     if overrides:
-        extra = _normalise_tree(parse_overrides(overrides), "overrides")
+        extra, more = _normalise_tree(parse_overrides(overrides))
+        found.extend(more)
         new_name = extra.get("method", {}).get("name")
         if new_name and new_name != tree.get("method", {}).get("name"):
             # Another method on the command line: the file's settings belong to the old one.
             tree["method"] = {"name": new_name, "params": {}}
         tree = _merge(tree, extra)
+    _refuse(found, tree)
     config = build_dataclass(RunConfig, tree, "")
+    _apply_test_sets(config, found, source)
+    _log_translation(found, source)
     validate(config)
     config.output_dir = fill_output_dir(config, name)
     return config
@@ -665,3 +713,68 @@ def config_to_dict(config: RunConfig) -> dict:
 
 def dump_config(config: RunConfig) -> str:
     return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
+# `retain config SECTION`: the sections, each with its dataclass and where its keys live.
+REFERENCE_SECTIONS: dict[str, tuple[type, str]] = {
+    "run": (RunConfig, ""),
+    "model": (ModelConfig, "model."),
+    "stream": (StreamConfig, "stream."),
+    "task": (TaskConfig, "stream.tasks[]."),
+    "method": (MethodConfig, "method."),
+    "train": (TrainConfig, "train."),
+    "eval": (EvalConfig, "eval."),
+}
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return " | ".join(map(str, typing.get_args(hint)))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    return str(hint).replace("typing.", "") if origin else getattr(hint, "__name__", str(hint))
+
+
+def _default_text(spec: dataclasses.Field) -> str:
+    if spec.default is not dataclasses.MISSING:
+        return repr(spec.default)
+    value = spec.default_factory()  # type: ignore[misc]
+    return repr(value) if not dataclasses.is_dataclass(value) else "(section)"
+
+
+def config_reference(section: str = "") -> str:
+    """Every setting of `section` (all when empty): its key, type, default, help and flat names."""
+    if section and section not in REFERENCE_SECTIONS:
+        names = list(REFERENCE_SECTIONS)
+        raise RetainError(
+            f"retain config: no section '{section}'{compat.suggest(section, names)}; "
+            f"sections: {', '.join(names)}"
+        )
+    lines = []
+    for name, (cls, prefix) in REFERENCE_SECTIONS.items():
+        if section and name != section:
+            continue
+        lines.append(f"[{name}]")
+        hints = typing.get_type_hints(cls)
+        for spec in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[spec.name]) or spec.name == "tasks":
+                continue  # a section of its own
+            key = f"{prefix}{spec.name}"
+            lines.append(f"{key}: {_type_name(hints[spec.name])} = {_default_text(spec)}")
+            lines.append(f"    {spec.metadata.get('help', '')}".rstrip())
+            flat = compat.aliases_of(key)
+            if flat:
+                lines.append(f"    also at the top level as: {', '.join(flat)}")
+        if name == "stream":
+            lines.append("stream.tasks: list of tasks, each a dataset spec or a mapping (see [task])")
+            lines.append("    also at the top level as: tasks; LLaMA-Factory/EasyCL: dataset: a,b,c")
+        if name == "method":
+            lines.append("    the method's own settings go beside name (retain methods lists them)")
+            lines.append("    EasyCL: use_<method>: true and its settings (docs/llamafactory_easycl.md)")
+        lines.append("")
+    if not section:
+        lines.append("LLaMA-Factory and EasyCL keys: docs/llamafactory_easycl.md")
+    return "\n".join(lines).rstrip() + "\n"

@@ -13,7 +13,8 @@ class RetainError(Exception):
     """
 
 
-def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str:
-    """Return ' (did you mean: a, b?)' for the closest choices, or '' when nothing is close."""
-    close = difflib.get_close_matches(word, list(choices), n=n, cutoff=0.5)
+def did_you_mean(word: str, choices: Iterable[str], n: int = 3, cutoff: float = 0.5) -> str:
+    """Return ' (did you mean: a, b?)' for the closest choices, or '' when nothing is close (difflib's
+    similarity ratio below `cutoff`)."""
+    close = difflib.get_close_matches(word, list(choices), n=n, cutoff=cutoff)
     return f" (did you mean: {', '.join(close)}?)" if close else ""
