@@ -5,6 +5,10 @@ BIN := $(VENV)/bin
 # A CPU build of torch that lies on this machine's disk; the package itself only asks for torch>=2.4.
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
+# Headless Chromium for tests/evaluation/test_browser.py (Debian's package), installed once when missing;
+# without root or sudo the install is skipped and those tests skip (CI sets RETAIN_REQUIRE_BROWSER=1: fail).
+BROWSER := $(VENV)/.chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
 
 .PHONY: demo test install lint bench clean
 
@@ -23,7 +27,12 @@ demo: $(STAMP)
 	$(BIN)/retain run examples/quickstart.yaml
 	@echo "next: source $(VENV)/bin/activate, then try: retain run examples/quickstart.yaml method.name=replay"
 
-test: $(STAMP)
+$(BROWSER): | $(STAMP)
+	command -v chromium >/dev/null 2>&1 || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium) || \
+		echo "warning: chromium could not be installed; the browser tests will skip"
+	touch $(BROWSER)
+
+test: $(STAMP) $(BROWSER)
 	$(BIN)/pytest
 
 lint: $(STAMP)

@@ -182,6 +182,7 @@ def cmd_run(args: argparse.Namespace, train: bool = True, evaluate: bool = True)
         if results.get("adapters"):
             _console().print(f"adapters: {len(results['adapters'])} ({', '.join(results['adapters'])})")
         _console().print(f"run directory: {os.path.abspath(config.output_dir)}")
+        _console().print(f"report: {os.path.abspath(os.path.join(config.output_dir, 'report.html'))}")
     elif results is None:
         _console().print(
             f"trained; checkpoints in {os.path.abspath(config.output_dir)}/tasks "
@@ -350,13 +351,52 @@ def cmd_benchmarks(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from retain.evaluation.compare import compare_markdown
 
-    table = compare_markdown(args.run_dirs, sort=args.sort)
+    table = compare_markdown(args.run_dirs, sort=args.sort, group=args.group)
     if args.output:
         from retain.io import write_text_atomic
 
         write_text_atomic(args.output, table)
     print(table, end="")
+    if args.html:
+        from retain.evaluation.html_compare import write_compare_html
+
+        path = write_compare_html(args.run_dirs, args.html, sort=args.sort)
+        print(f"compare page: {os.path.abspath(path)}")
     return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from retain.evaluation.html_report import write_html_report
+
+    print(f"report: {os.path.abspath(write_html_report(args.run_dir))}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from retain.engine.sweep import describe, plan_sweep, run_sweep
+    from retain.evaluation.compare import check_sort
+
+    check_sort(args.sort)
+    plan = plan_sweep(
+        args.config,
+        args.overrides,
+        seeds=args.seeds,
+        orders=args.orders,
+        methods=args.methods,
+        parent=args.parent,
+        parallel=args.parallel,
+    )
+    if args.dry_run:
+        print(describe(plan), end="")
+        return 0
+    _writable_folder(plan.parent, "sweep folder", "choose another one (--parent PATH)")
+    outcomes = run_sweep(plan, sort=args.sort)
+    summary = os.path.join(plan.parent, "summary.md")
+    with open(summary, encoding="utf-8") as handle:
+        print(handle.read(), end="")
+    print(f"summary: {summary} (and summary.json)")
+    # Failed runs are in the summary; a non-zero code tells a script that some of them need another go.
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
 
 
 def _open_run(run_dir: str):
@@ -648,7 +688,38 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("run_dirs", nargs="+", help="run directories (or their results.json)")
     compare.add_argument("--sort", default="last", help="last, avg, bwt, fwt, forgetting, time or name")
     compare.add_argument("--output", help="also write the table to this markdown file")
+    compare.add_argument(
+        "--html", metavar="OUT.html", help="also write the compare page: metrics, BWT-vs-Last plot, matrices"
+    )
+    compare.add_argument(
+        "--group",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one row per setting, its seeds as mean ± std [95%% interval] (default: when two runs differ "
+        "only in seed)",
+    )
     compare.set_defaults(func=cmd_compare)
+
+    sweep = sub.add_parser(
+        "sweep", help="run a config for every method x order x seed, then one summary with 95%% intervals"
+    )
+    with_config(sweep)
+    sweep.add_argument("--seeds", help="N seeds from the config's seed on, or a list such as 1,2,3")
+    sweep.add_argument(
+        "--orders", help="benchmark orders (order1,order2) or permutations of stream.tasks (2-0-1,0-1-2)"
+    )
+    sweep.add_argument("--methods", help="method names, comma-separated (default: the config's method)")
+    sweep.add_argument("--parent", help="the folder that holds the runs (default: runs/<config>-sweep)")
+    sweep.add_argument(
+        "--parallel", type=int, help="runs at a time, each its own process with cores/N threads (default 1)"
+    )
+    sweep.add_argument("--sort", default="last", help="the metric the summary sorts by and compares")
+    sweep.add_argument("--dry-run", action="store_true", help="list the runs and which are done; run none")
+    sweep.set_defaults(func=cmd_sweep)
+
+    report = sub.add_parser("report", help="write a run's report.html again (runs made before it existed)")
+    report.add_argument("run_dir", help="a run directory")
+    report.set_defaults(func=cmd_report)
 
     merge = sub.add_parser(
         "merge", help="merge a run's per-task adapters (task arithmetic, TIES, DARE), save and evaluate it"

@@ -122,7 +122,12 @@ def test_plot_matrix_writes_png(tmp_path, results):
 
 def test_write_report_and_load_back(tmp_path, results):
     write_report(tmp_path / "run", results)
-    assert sorted(os.listdir(tmp_path / "run")) == ["accuracy_matrix.png", "report.md", "results.json"]
+    assert sorted(os.listdir(tmp_path / "run")) == [
+        "accuracy_matrix.png",
+        "report.html",
+        "report.md",
+        "results.json",
+    ]
     loaded = load_matrix_file(tmp_path / "run" / "results.json")
     assert loaded == results
 

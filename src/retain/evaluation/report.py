@@ -35,19 +35,12 @@ from rich.console import Console
 from rich.table import Table
 
 from retain.errors import RetainError
+from retain.evaluation.html_report import write_html_report
+from retain.evaluation.labels import METRIC_LABELS, metric_value, percent, row_labels
 from retain.evaluation.metrics import METRIC_NAMES, compute_metrics, validate_matrix
 from retain.io import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 RESULTS_SCHEMA_VERSION = 1
-
-METRIC_LABELS = {
-    "last": "Last (final average accuracy)",
-    "avg": "Avg (average incremental accuracy)",
-    "bwt": "BWT (backward transfer)",
-    "fwt": "FWT (forward transfer)",
-    "forgetting": "Forgetting (max - last)",
-    "plasticity": "Plasticity (New.ACC)",
-}
 
 
 def build_results(
@@ -82,33 +75,14 @@ def build_results(
     return results
 
 
-def _row_labels(results: dict) -> list[str]:
-    if results.get("joint"):
-        return ["before", "after joint training"]
-    return ["before"] + [f"after task {i}: {name}" for i, name in enumerate(results["tasks"], start=1)]
-
-
-def _percent(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.1f}"
-
-
-def _signed_percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:+.1f}"
-
-
-def _metric_value(name: str, value: float | None) -> str:
-    # Transfers are differences: a sign makes a loss impossible to misread as a score.
-    return _signed_percent(value) if name in ("bwt", "fwt") else ("n/a" if value is None else _percent(value))
-
-
 def render_table(results: dict) -> Table:
     """The accuracy matrix as a rich table: one row per evaluation, one column per task, in percent."""
     table = Table(title=f"Accuracy (%) — {results.get('method', '?')}")
     table.add_column("model", style="bold")
     for name in results["tasks"]:
         table.add_column(name, justify="right")
-    for label, row in zip(_row_labels(results), results["matrix"], strict=True):
-        cells = [_percent(None)] * len(results["tasks"]) if row is None else [_percent(v) for v in row]
+    for label, row in zip(row_labels(results), results["matrix"], strict=True):
+        cells = [percent(None)] * len(results["tasks"]) if row is None else [percent(v) for v in row]
         table.add_row(label, *cells)
     return table
 
@@ -119,7 +93,7 @@ def render_metrics(results: dict) -> Table:
     table.add_column("metric", style="bold")
     table.add_column("value", justify="right")
     for name in METRIC_NAMES:
-        table.add_row(METRIC_LABELS[name], _metric_value(name, results["metrics"].get(name)))
+        table.add_row(METRIC_LABELS[name], metric_value(name, results["metrics"].get(name)))
     return table
 
 
@@ -138,7 +112,7 @@ def matrix_figure(results: dict):
     from matplotlib.figure import Figure
 
     tasks = results["tasks"]
-    labels = _row_labels(results)
+    labels = row_labels(results)
     # Cells, colours and colour bar all in percent (scores are fractions in results.json).
     values = [[math.nan] * len(tasks) if row is None else [100 * v for v in row] for row in results["matrix"]]
     figure = Figure(figsize=(3.5 + 1.1 * len(tasks), 2.0 + 0.55 * len(labels)), layout="constrained")
@@ -185,12 +159,12 @@ def markdown_report(results: dict) -> str:
     lines = [f"# retain report: {results.get('method', '?')}", "", "## Accuracy (%)", ""]
     lines.append("| model | " + " | ".join(_md_cell(t) for t in tasks) + " |")
     lines.append("| --- |" + " ---: |" * len(tasks))
-    for label, row in zip(_row_labels(results), results["matrix"], strict=True):
-        cells = [_percent(None)] * len(tasks) if row is None else [_percent(v) for v in row]
+    for label, row in zip(row_labels(results), results["matrix"], strict=True):
+        cells = [percent(None)] * len(tasks) if row is None else [percent(v) for v in row]
         lines.append(f"| {_md_cell(label)} | " + " | ".join(cells) + " |")
     lines += ["", "## Metrics (%)", "", "| metric | value |", "| --- | ---: |"]
     for name in METRIC_NAMES:
-        lines.append(f"| {METRIC_LABELS[name]} | {_metric_value(name, results['metrics'].get(name))} |")
+        lines.append(f"| {METRIC_LABELS[name]} | {metric_value(name, results['metrics'].get(name))} |")
     lines += _run_notes(results)
     return "\n".join(lines) + "\n"
 
@@ -223,11 +197,12 @@ def _run_notes(results: dict) -> list[str]:
 
 
 def write_report(run_dir: str | os.PathLike, results: dict) -> None:
-    """Write results.json, report.md and accuracy_matrix.png into `run_dir`, each atomically."""
+    """Write results.json, report.md, accuracy_matrix.png and report.html into `run_dir`, each atomically."""
     run_dir = Path(run_dir)
     write_json_atomic(run_dir / "results.json", results)
     write_text_atomic(run_dir / "report.md", markdown_report(results))
     plot_matrix(results, run_dir / "accuracy_matrix.png")
+    write_html_report(run_dir, results)
 
 
 def load_matrix_file(path: str | os.PathLike) -> dict:
