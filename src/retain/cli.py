@@ -1,4 +1,5 @@
-"""The `retain` command: run, train, eval, metrics, config, methods, benchmarks, compare, merge, lines.
+"""The `retain` command: run, train, eval, metrics, config, methods, benchmarks, compare, merge, lines,
+export.
 
 User mistakes (bad config, data or paths) print one `error:` line on stderr and exit with code 2, with
 no traceback and without touching an existing run directory.
@@ -401,30 +402,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def _open_run(run_dir: str):
     """A finished (or partly trained) run, opened for post-hoc edits: (config, RunDir, state)."""
-    from retain.config import config_from_dict, read_yaml
-    from retain.engine.run_dir import RunDir
+    from retain.engine.posthoc import open_run
 
-    config_file = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(config_file):
-        raise RetainError(f"{run_dir} is not a retain run directory (no config.yaml)")
-    raw = read_yaml(config_file)
-    raw["output_dir"] = run_dir.replace("{", "{{").replace("}", "}}")  # a path, not a pattern
-    config = config_from_dict(raw, source=config_file)
-    folder = RunDir(run_dir)
-    state = folder.load_state() if folder.exists() else None
-    if state is None or state.trained < 1:
-        raise RetainError(f"{run_dir} has no trained task yet (state.json records none); run it first")
-    return config, folder, state
+    return open_run(run_dir)
 
 
 def _experiment(config, folder):
     """The run's model, method and evaluation context, as `retain eval` builds them."""
     from retain.engine.loop import Experiment
-    from retain.engine.plan import check_encoding, make_plan
-    from retain.models.loading import load_encoders
+    from retain.engine.posthoc import open_plan
 
-    plan = make_plan(config)
-    check_encoding(plan, *load_encoders(config.model.name_or_path))
+    plan = open_plan(config)
     if plan.joint:
         raise RetainError(f"{folder.path} trained all tasks jointly (multitask): there is no stream to edit")
     return Experiment(plan, folder)
@@ -623,6 +611,20 @@ def cmd_lines(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write the model a run evaluated after task k, loadable with plain PEFT or transformers."""
+    from retain.engine.export import export_run
+
+    _writable_folder(args.output, "--output", "choose another folder")
+    record = export_run(args.run_dir, args.output, task=args.task, merge=args.merge)
+    _console().print(
+        f"exported {record['description']}: the model evaluated after task {record['task']} "
+        f"({record['task_name']}), in {record['path']} (README.md there says how to load it)",
+        markup=False,
+    )
+    return 0
+
+
 def _close_process_group() -> None:
     """Leave torchrun's process group cleanly: a gloo group alive at interpreter exit can abort a rank."""
     import torch.distributed as dist
@@ -750,6 +752,17 @@ def build_parser() -> argparse.ArgumentParser:
     lines.add_argument("--last-only", action="store_true", help="only the checkpoint after the last task")
     lines.add_argument("--name", help="subfolder of <run_dir>/lines/ (default: alpha<a>-beta<b>)")
     lines.set_defaults(func=cmd_lines)
+
+    export = sub.add_parser(
+        "export", help="write the model a run evaluated after a task, loadable with PEFT or transformers"
+    )
+    export.add_argument("run_dir")
+    export.add_argument("--task", type=int, help="export the model after this task (default: the last)")
+    export.add_argument(
+        "--merge", action="store_true", help="merge the LoRA into the base weights: a full transformers model"
+    )
+    export.add_argument("--output", required=True, help="a new or empty folder to write the model to")
+    export.set_defaults(func=cmd_export)
     for command in sub.choices.values():
         # `retain run CONFIG -v` as well as `retain -v run CONFIG`; SUPPRESS keeps a -v given before.
         command.add_argument(

@@ -119,6 +119,7 @@ class ABSCL(RoutedMethod):
     """ABSCL: a shared adapter plus orthogonal domain adapters chosen per instance by Mahalanobis distance."""
 
     config: ABSCLConfig
+    export_refusal = "picks an adapter per prompt (by its domain positioning)"
     # The replay pass switches the active adapters inside a training step; not checked under DDP yet.
     supports_multiprocess = False
 

@@ -20,6 +20,8 @@ from torch import nn
 from retain.data.batching import collate
 from retain.data.encode import encode_dataset
 from retain.data.formats import Example
+from retain.errors import RetainError
+from retain.models.adapters import adapter_names, unwrap
 from retain.models.forward import StepOutputs, response_forward
 
 if TYPE_CHECKING:
@@ -137,6 +139,9 @@ class ContinualMethod:
     # The method generates from the model a task starts from (pseudo samples of the earlier tasks), so
     # that model must be the one the previous task ended with.
     needs_previous_model_at_start: ClassVar[bool] = False
+    # Why `retain export` cannot write the model this method evaluates as one plain model (e.g. it picks
+    # adapters per prompt or mixes experts through routers), completing "<method> ..."; None: it can.
+    export_refusal: ClassVar[str | None] = None
 
     def __init__(self, config: Any = None) -> None:
         self.config = config
@@ -184,6 +189,26 @@ class ContinualMethod:
     def activate_route(self, ctx: MethodContext, route: str) -> nn.Module:
         """Prepare the model to answer the instances routed to `route`; returns the model to use."""
         return ctx.model
+
+    def export_adapters(self, ctx: MethodContext) -> list[str]:
+        """The LoRA adapters whose sum (as PEFT sums active adapters) is the model this method evaluates
+        after task `ctx.task_index`, called after `restore`; [] for full fine-tuning (the model itself).
+
+        `retain export` writes them as one plain adapter. The default reads the adapters `eval_model`
+        leaves active, and refuses a method that answers tasks with different adapters. A method whose
+        evaluated model is not such a sum sets `export_refusal` instead of overriding this.
+        """
+        chosen: list[str] | None = None
+        for task in ctx.tasks:
+            model = unwrap(self.eval_model(ctx, task))
+            names = [n for n in adapter_names(model) if n in model.active_adapters]
+            if chosen is not None and names != chosen:
+                raise RetainError(
+                    f"{self.name} answers task '{task.name}' with adapters {names} and earlier tasks with "
+                    f"{chosen}: a single exported model cannot reproduce its scores; use retain eval"
+                )
+            chosen = names
+        return chosen or []
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume after a task (saved in tasks/<k>-<name>/method_state.pt)."""

@@ -127,6 +127,10 @@ class CLMoE(MoEMethod):
     config: CLMoEConfig
     prefix = "clmoe"
     needs_task_id_at_test = True
+    export_refusal = (
+        "mixes its LoRA experts per token through routers kept in method_state.pt, and is told each "
+        "prompt's task"
+    )
 
     def __init__(self, config: CLMoEConfig | None = None) -> None:
         super().__init__(config or CLMoEConfig())

@@ -130,6 +130,7 @@ class ConPET(RoutedMethod):
     """Dynamic ConPET: one LoRA adapter per task, chosen per test instance by a trained task selector."""
 
     config: ConPETConfig
+    export_refusal = "picks an adapter per prompt (by its task selector)"
 
     def __init__(self, config: ConPETConfig | None = None) -> None:
         super().__init__(config or ConPETConfig())

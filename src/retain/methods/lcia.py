@@ -251,6 +251,7 @@ class LCIA(RoutedMethod):
     """LCIA: dynamic-EMA LoRA training with instruction-grouped adapters and per-instance routing."""
 
     config: LCIAConfig
+    export_refusal = "picks an adapter per prompt (by its instruction group)"
 
     def __init__(self, config: LCIAConfig | None = None) -> None:
         super().__init__(config or LCIAConfig())

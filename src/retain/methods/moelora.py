@@ -30,6 +30,7 @@ class MoELoRA(MoEMethod):
 
     config: MoELoRAConfig
     prefix = "moelora"
+    export_refusal = "mixes its LoRA experts per token through routers kept in method_state.pt"
 
     def __init__(self, config: MoELoRAConfig | None = None) -> None:
         super().__init__(config or MoELoRAConfig())
