@@ -41,4 +41,4 @@ def test_only_retain_io_imports_a_platform_locking_module():
                 names = [node.module]
             if any(name.split(".")[0] in ("fcntl", "msvcrt") for name in names):
                 importers.append(str(file.relative_to(SRC)))
-    assert sorted(set(importers)) == ["io.py"] or sorted(set(importers)) == ["io.py", "models/loading.py"]
+    assert sorted(set(importers)) == ["io.py"]

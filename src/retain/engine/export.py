@@ -20,7 +20,6 @@ weights (an image-text model's projector) unless `merge` is set.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -39,7 +38,7 @@ from retain.engine.run_dir import RunDir, RunState
 from retain.errors import RetainError
 from retain.evaluation.generate import eos_token_ids
 from retain.io import atomic_directory, write_json_atomic, write_text_atomic
-from retain.methods.common.task_vectors import lora_layers, save_adapter
+from retain.methods.common.task_vectors import lora_layers, save_adapter, unit_scale_lora_config
 from retain.models.adapters import BASE_WEIGHTS, peft_model, unwrap, weights_folder
 from retain.models.loading import BUILTIN_NAMES, load_model, resolve_builtin
 
@@ -243,9 +242,7 @@ def concatenate_adapters(model: nn.Module, adapters: list[str], name: str) -> in
                     "linear layers can be concatenated into one adapter"
                 )
     ranks = {m: sum(per[m].r[a] for a, per in layers.items() if m in per) for m in modules}
-    top = max(ranks.values())
     relative = {m: m.removeprefix("base_model.model.") for m in modules}
-    pattern = {re.escape(relative[m]): r for m, r in ranks.items() if r != top}
     same_targets = all(set(per) == set(modules) for per in layers.values())
     targets: dict[str, Any] = (
         {}
@@ -256,17 +253,8 @@ def concatenate_adapters(model: nn.Module, adapters: list[str], name: str) -> in
             "layers_pattern": None,
         }
     )
-    config = dataclasses.replace(
-        configs[0],
-        r=top,
-        lora_alpha=top,
-        rank_pattern=pattern,
-        alpha_pattern=dict(pattern),
-        lora_dropout=0.0,
-        use_rslora=False,
-        use_dora=False,
-        inference_mode=True,
-        **targets,
+    config = unit_scale_lora_config(
+        configs[0], {re.escape(relative[m]): r for m, r in ranks.items()}, **targets
     )
     if name in inner.peft_config:
         inner.delete_adapter(name)
@@ -290,4 +278,4 @@ def concatenate_adapters(model: nn.Module, adapters: list[str], name: str) -> in
             raise RetainError(f"internal: the concatenated adapter's scaling is {layer.scaling[name]}, not 1")
     for param in (p for n, p in inner.named_parameters() if f".{name}." in n):
         param.requires_grad_(False)
-    return top
+    return max(ranks.values())

@@ -10,6 +10,7 @@ docs/architecture.md draws the states a run goes through.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -17,14 +18,17 @@ import time
 import torch
 from transformers import TrainingArguments, set_seed
 
-from retain.config import RunConfig
+from retain.config import RunConfig, report_to
 from retain.data.batching import FeatureDataset
 from retain.data.encode import encode_dataset
 from retain.engine.evaluate import evaluate_row
 from retain.engine.plan import Plan, check_encoding, make_plan
+from retain.engine.provenance import provenance
 from retain.engine.run_dir import RunDir, RunState
+from retain.engine.trackers import Tracking, open_tracking
 from retain.engine.trainer import ContinualTrainer
 from retain.errors import RetainError
+from retain.evaluation.html_report import write_html_report
 from retain.evaluation.report import build_results, write_report
 from retain.methods.base import MethodContext
 from retain.models.adapters import adapter_names, apply_finetuning
@@ -38,12 +42,13 @@ def training_arguments(
     config: RunConfig, run_dir: RunDir, index: int, bf16: bool, batch: BatchLayout
 ) -> TrainingArguments:
     train = config.train
-    # transformers 5 folds warmup_ratio into warmup_steps (a float < 1 is a ratio); 4.x has both.
+    # transformers 5 folds warmup_ratio into warmup_steps (a float < 1 is a ratio, >= 1 steps); 4.x has
+    # both, and its warmup_steps > 0 overrides the ratio, as train.warmup_steps does.
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     warmup = (
-        {"warmup_ratio": train.warmup_ratio}
+        {"warmup_ratio": train.warmup_ratio, "warmup_steps": train.warmup_steps}
         if "warmup_ratio" in fields
-        else {"warmup_steps": train.warmup_ratio}
+        else {"warmup_steps": train.warmup_steps if train.warmup_steps > 0 else train.warmup_ratio}
     )
     return TrainingArguments(
         **warmup,
@@ -55,10 +60,14 @@ def training_arguments(
         max_steps=train.max_steps,
         lr_scheduler_type=train.lr_scheduler_type,
         weight_decay=train.weight_decay,
+        optim=train.optim,
         max_grad_norm=train.max_grad_norm,
         logging_steps=train.logging_steps,
         save_strategy="no",
+        # Trackers get one run per stream (retain.engine.trackers), not transformers' run per Trainer.
         report_to=[],
+        # gradient_checkpointing stays off here: train.gradient_checkpointing is switched on the model when
+        # it is loaded (with what PEFT needs), and the Trainer would switch it again.
         bf16=bf16,
         use_cpu=not torch.cuda.is_available(),
         seed=config.seed + index,
@@ -77,9 +86,11 @@ class Experiment:
         self.method = plan.method
         self.processes = process_state()
         self.batch = plan.batch or batch_layout(self.config.train, self.processes.num_processes)
-        model, tokenizer, info = load_model(self.config.model.name_or_path)
+        model, tokenizer, info = load_model(self.config.model.name_or_path, self.config.model)
         set_seed(self.config.seed)
-        self.model = apply_finetuning(model, self.config.model)
+        self.model = apply_finetuning(
+            model, self.config.model, gradient_checkpointing=self.config.train.gradient_checkpointing
+        )
         self.tokenizer = tokenizer
         self.processor = info.processor  # None for a text model
         self.load_seconds = info.seconds
@@ -96,6 +107,7 @@ class Experiment:
             processor=info.processor,
         )
         self.method.setup(self.ctx)
+        self.tracking = Tracking()  # the stream's trackers, opened by run_experiment on the main process
         self.loaded = 0  # which unit's end state the model and method hold (0: before training)
 
     @property
@@ -114,6 +126,12 @@ class Experiment:
         self.ctx.task_index = index
         self.method.restore(self.ctx)
         self.loaded = index
+
+    def saved_log(self, index: int) -> list[dict]:
+        """The training log saved with unit `index`'s checkpoint."""
+        path = os.path.join(self.run_dir.task_dir(index, self.unit_name(index)), "train_log.json")
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
 
     def checkpoint(self, index: int, log: list[dict]) -> None:
         if self.is_main:
@@ -141,8 +159,10 @@ class Experiment:
             args=training_arguments(self.config, self.run_dir, index, self.ctx.bf16, self.batch),
             train_dataset=FeatureDataset(features),
             data_collator=self.ctx.collate,
+            callbacks=[self.tracking.callback(index)] if self.tracking.active else None,
             method=self.method,
             ctx=self.ctx,
+            progress_label=f"task {index}/{len(self.plan.train_units)} {unit.name}",
         )
         start = time.perf_counter()
         trainer.train()
@@ -157,6 +177,7 @@ class Experiment:
         self.ctx.logged.clear()
         if after:
             log.append({"after_task": after})
+        self.tracking.trained(index, log)
         return seconds, log
 
     def evaluate(self, row: int) -> list[float] | None:
@@ -173,6 +194,7 @@ class Experiment:
                 self.config.eval.max_new_tokens,
                 self.config.eval.batch_size,
             )
+            self.tracking.row(row, [task.name for task in self.plan.tasks], scores)
         self.processes.wait_for_everyone()
         return scores
 
@@ -205,6 +227,7 @@ def _results(plan: Plan, state: RunState) -> dict:
     }
     if plan.stream and plan.stream.benchmark:
         extra["benchmark"] = plan.stream.benchmark
+    extra["provenance"] = provenance(use_bf16(config))
     return build_results(
         [t.name for t in plan.tasks],
         state.matrix(len(plan.train_units) + 1),
@@ -219,7 +242,7 @@ def run_experiment(config: RunConfig, *, train: bool = True, evaluate: bool = Tr
     """Run (or resume) the whole stream; returns results.json's content when evaluation ran."""
     wall = time.perf_counter()
     plan = make_plan(config)
-    check_encoding(plan, *load_encoders(config.model.name_or_path))
+    check_encoding(plan, *load_encoders(config.model.name_or_path, config.model.trust_remote_code))
     run_dir = RunDir(config.output_dir)
     fingerprints = plan.fingerprints()
     run_dir.check_not_foreign()  # before a lock file is put into someone else's folder
@@ -235,6 +258,7 @@ def run_experiment(config: RunConfig, *, train: bool = True, evaluate: bool = Tr
         processes.wait_for_everyone()
         experiment = Experiment(plan, run_dir)
         state = run_dir.load_state() if run_dir.exists() else None
+        resumed = state is not None
         processes.wait_for_everyone()
         if state is None:
             state = RunState(tasks=[t.name for t in plan.tasks])
@@ -263,33 +287,56 @@ def run_experiment(config: RunConfig, *, train: bool = True, evaluate: bool = Tr
             logger.info(
                 "resuming %s: %d task(s) trained, rows evaluated: %s", run_dir.path, state.trained, done
             )
-        if evaluate and config.eval.before_training and not state.has_row(0):
-            start = time.perf_counter()
-            state.set_row(0, experiment.evaluate(0))
-            timings["eval_s/0"] = round(time.perf_counter() - start, 3)
-            experiment.save_state(state)
-        units = plan.train_units if train else plan.train_units[: state.trained]
-        for index in range(1, len(units) + 1):
-            if index > state.trained:
-                experiment.restore(index - 1)
-                seconds, log = experiment.train_unit(index)
-                timings[f"train_s/{index}"] = round(seconds, 3)
-                experiment.checkpoint(index, log)
-                state.trained = index
-                experiment.save_state(state)
-            if evaluate and not state.has_row(index):
-                start = time.perf_counter()
-                state.set_row(index, experiment.evaluate(index))
-                timings[f"eval_s/{index}"] = round(time.perf_counter() - start, 3)
-                experiment.save_state(state)
-        timings["last_session_s"] = round(time.perf_counter() - wall, 3)
-        experiment.restore(len(units))
-        state.adapters = adapter_names(experiment.model)
-        experiment.save_state(state)
-        if not evaluate:
-            return None
-        results = _results(plan, state)
-        if experiment.is_main:
-            write_report(run_dir.path, results)
-        processes.wait_for_everyone()
+        if experiment.is_main and report_to(config.train):
+            logs = [experiment.saved_log(i) for i in range(1, state.trained + 1)]
+            experiment.tracking = open_tracking(config, run_dir.path, logs, resumed)
+        try:
+            results = _train_and_evaluate(experiment, state, train=train, evaluate=evaluate, wall=wall)
+        except BaseException:
+            experiment.tracking.close(failed=True)
+            raise
+        experiment.tracking.close()
         return results
+
+
+def _train_and_evaluate(
+    experiment: Experiment, state: RunState, *, train: bool, evaluate: bool, wall: float
+) -> dict | None:
+    """Train the units not trained yet and evaluate the rows not evaluated yet, saving the state after
+    each; then write results.json (when evaluating) and return its content."""
+    plan, config, timings = experiment.plan, experiment.config, state.timings
+    if evaluate and config.eval.before_training and not state.has_row(0):
+        start = time.perf_counter()
+        state.set_row(0, experiment.evaluate(0))
+        timings["eval_s/0"] = round(time.perf_counter() - start, 3)
+        experiment.save_state(state)
+        if experiment.is_main:  # report.html fills in as the run goes, row by row
+            write_html_report(experiment.run_dir.path, _results(plan, state))
+    units = plan.train_units if train else plan.train_units[: state.trained]
+    for index in range(1, len(units) + 1):
+        if index > state.trained:
+            experiment.restore(index - 1)
+            seconds, log = experiment.train_unit(index)
+            timings[f"train_s/{index}"] = round(seconds, 3)
+            experiment.checkpoint(index, log)
+            state.trained = index
+            experiment.save_state(state)
+        if evaluate and not state.has_row(index):
+            start = time.perf_counter()
+            state.set_row(index, experiment.evaluate(index))
+            timings[f"eval_s/{index}"] = round(time.perf_counter() - start, 3)
+            experiment.save_state(state)
+            if experiment.is_main:
+                write_html_report(experiment.run_dir.path, _results(plan, state))
+    timings["last_session_s"] = round(time.perf_counter() - wall, 3)
+    experiment.restore(len(units))
+    state.adapters = adapter_names(experiment.model)
+    experiment.save_state(state)
+    if not evaluate:
+        return None
+    results = _results(plan, state)
+    if experiment.is_main:
+        write_report(experiment.run_dir.path, results)
+        experiment.tracking.metrics(results["metrics"])
+    experiment.processes.wait_for_everyone()
+    return results

@@ -11,16 +11,19 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from transformers.training_args import OptimizerNames
+
 from retain.config import RunConfig
 from retain.data.encode import encode_dataset
 from retain.data.formats import Example
 from retain.data.streams import Stream, Task, load_stream
-from retain.errors import RetainError
+from retain.engine.trackers import check_trackers
+from retain.errors import RetainError, did_you_mean
 from retain.evaluation.scoring import get_scorer
 from retain.methods.base import ContinualMethod
 from retain.methods.registry import create_method, resolved_settings
-from retain.models.adapters import select_layers
-from retain.models.loading import is_image_text, model_layer_count
+from retain.models.adapters import check_adapter, select_layers
+from retain.models.loading import check_model, is_image_text, model_layer_count
 from retain.runtime import BatchLayout, batch_layout, launched_processes
 
 
@@ -76,6 +79,17 @@ def examples_digest(examples: list[Example]) -> str:
     )
 
 
+def check_optimizer(name: str) -> None:
+    """`train.optim` is one of transformers' optimizer names (checked before the run directory is written;
+    TrainingArguments would refuse it only when the first task starts)."""
+    names = [o.value for o in OptimizerNames]
+    if name not in names:
+        raise RetainError(
+            f"config: train.optim '{name}' is not a transformers optimizer{did_you_mean(name, names)}; "
+            "use adamw_torch (the default), sgd, adafactor, ..."
+        )
+
+
 def make_plan(config: RunConfig) -> Plan:
     """Load and check everything the run needs except the model weights."""
     method = create_method(config.method.name, config.method.params)
@@ -85,10 +99,16 @@ def make_plan(config: RunConfig) -> Plan:
         raise RetainError(
             f"method '{method.name}' does not support full fine-tuning; use finetuning_type: lora"
         )
+    check_trackers(config)  # a tracker whose package is missing fails now, not after the first task
+    check_optimizer(config.train.optim)
     processes = launched_processes()
     if processes > 1 and not method.supports_multiprocess:
         raise RetainError(f"method '{method.name}' does not support more than one process yet")
     batch = batch_layout(config.train, processes)
+    # The model resolves (a Hub id is in the local cache), its settings are usable, the adapter it starts
+    # from exists: checked here so --dry-run refuses what the run would.
+    check_model(config.model)
+    check_adapter(config.model)
     if config.model.finetuning_type == "lora" and config.model.lora_layers.strip() not in ("", "all"):
         select_layers(config.model.lora_layers, model_layer_count(config.model.name_or_path))
     stream = load_stream(config)

@@ -35,7 +35,7 @@ def open_run(run_dir: str) -> tuple[RunConfig, RunDir, RunState]:
 def open_plan(config: RunConfig) -> Plan:
     """The run's plan (method, tasks, test sets) checked against its tokenizer, without loading the model."""
     plan = make_plan(config)
-    check_encoding(plan, *load_encoders(config.model.name_or_path))
+    check_encoding(plan, *load_encoders(config.model.name_or_path, config.model.trust_remote_code))
     return plan
 
 

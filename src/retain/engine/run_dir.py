@@ -5,8 +5,10 @@
   state.json             tasks trained, rows evaluated, timings: the resume point
   tasks/<k>-<task>/      adapter/ (PEFT format) or model/ (full fine-tuning), method_state.pt, train_log.json
   eval/<k>/<task>.jsonl  prompt, prediction, reference, score per test example
-  results.json, report.md, accuracy_matrix.png
+  results.json, report.md, accuracy_matrix.png, report.html (rewritten after every row)
+  tracking/              tensorboard/, wandb/, mlruns/, runs.json (train.report_to)
   merges/<name>/, lines/<name>/   written later by `retain merge` / `retain lines` (adapter, eval, results)
+  evals/<name>/          written later by `retain eval RUN eval.key=value` (eval, results)
 
 docs/architecture.md describes the layout and the states a run goes through.
 """

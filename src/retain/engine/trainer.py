@@ -32,7 +32,17 @@ class _MethodHooks(TrainerCallback):
 
 
 class _QuietProgress(ProgressCallback):
-    """The step bar without the raw log dict written under it (the logs go to train_log.json)."""
+    """The step bar, labelled with the task it trains, without the raw log dict written under it (the logs
+    go to train_log.json and the trackers)."""
+
+    def __init__(self, label: str | None = None) -> None:
+        super().__init__()
+        self.label = label
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.training_bar is not None and self.label:
+            self.training_bar.set_description(self.label)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         pass
@@ -41,7 +51,15 @@ class _QuietProgress(ProgressCallback):
 class ContinualTrainer(Trainer):
     """transformers.Trainer whose loss is the method's, with the method's step hooks around the update."""
 
-    def __init__(self, *args: Any, method: ContinualMethod, ctx: MethodContext, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        method: ContinualMethod,
+        ctx: MethodContext,
+        progress_label: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """`progress_label` (e.g. "task 2/3 parity") names the task on the training progress bar."""
         super().__init__(*args, **kwargs)
         self.method, self.ctx = method, ctx
         # Our loss is a per-micro-batch mean, so the Trainer must divide it by the accumulation steps;
@@ -50,7 +68,7 @@ class ContinualTrainer(Trainer):
         self.loss_is_scaled_for_ga = False
         self.add_callback(_MethodHooks(method, ctx, self))
         if self.pop_callback(ProgressCallback) is not None:
-            self.add_callback(_QuietProgress)
+            self.add_callback(_QuietProgress(progress_label))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = response_forward(model, inputs)

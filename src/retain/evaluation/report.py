@@ -20,7 +20,9 @@
   lists its further components under `plus`), `task_id_at_test` (bool: the method was told each test
   prompt's task), `eval_mode` (task -> "generate" | "rank"), `data_checks` ({"warnings": [str], "findings":
   [{"task", "check", "count", "message"}]}) and, for a benchmark run, `benchmark` ({"name", "layout",
-  "order", "dir", "tasks"}).
+  "order", "dir", "tasks"}), and `provenance` ({"retain", "git": {"commit", "dirty"} | null, "python",
+  "platform", "packages", "hardware": {"cpu", "cpu_cores", "gpus", "gpu_count", "cuda", "bf16"}}: what
+  produced the file).
 """
 
 from __future__ import annotations

@@ -8,12 +8,13 @@ model with ``save_pretrained``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -26,6 +27,8 @@ ADAPTER_ORDER = "adapters.json"
 # tower), saved next to the adapters; absent for text models.
 BASE_WEIGHTS = "trainable_base.safetensors"
 
+logger = logging.getLogger(__name__)
+
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside DistributedDataParallel / accelerate wrappers."""
@@ -34,19 +37,46 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def apply_finetuning(model: nn.Module, config: ModelConfig) -> nn.Module:
-    """LoRA through PEFT (rank, alpha, dropout, targets) or full fine-tuning (every parameter trainable).
+def apply_finetuning(
+    model: nn.Module, config: ModelConfig, gradient_checkpointing: bool = False
+) -> nn.Module:
+    """LoRA through PEFT (rank, alpha, dropout, targets, DoRA, rsLoRA) or full fine-tuning (every parameter
+    trainable); with `model.adapter_name_or_path` the LoRA starts from that saved adapter.
 
     Image-text models (retain.models.vision): LoRA goes on the language model's linear layers only and
     `lora_layers` counts its decoder layers; the vision tower is trained only without
     `freeze_vision_tower` and the projector only with `train_projector` (their own weights, not LoRA).
+    LoRA weights are float32 whatever the base weights' dtype (PEFT's autocast_adapter_dtype).
+    `gradient_checkpointing` (train.gradient_checkpointing) recomputes activations in the backward pass.
     """
+    check_adapter(config)
     if is_image_text_model(model):
-        return _apply_finetuning_image_text(model, config)
-    if config.finetuning_type == "full":
+        model = _apply_finetuning_image_text(model, config)
+    elif config.finetuning_type == "full":
         for param in model.parameters():
             param.requires_grad_(True)
-        return model
+    else:
+        model = _apply_lora_text(model, config)
+    if config.finetuning_type == "full":
+        half = {p.dtype for p in model.parameters()} - {torch.float32}
+        if half:
+            logger.warning(
+                "full fine-tuning updates the %s weights in place (no float32 master copy): small updates "
+                "round away; model.dtype: float32 with train.bf16 autocast trains in full precision",
+                str(next(iter(half)))[6:],
+            )
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
+
+
+_FULL_WITH_ADAPTER = (
+    "config: model.adapter_name_or_path starts from a LoRA adapter, which needs finetuning_type: lora (to "
+    "fine-tune fully, merge the adapter into the model with PEFT's merge_and_unload and load that folder)"
+)
+
+
+def _apply_lora_text(model: nn.Module, config: ModelConfig) -> nn.Module:
     target = config.lora_target.strip()
     layers = lora_layer_indices(model, config.lora_layers)
     targets: str | list[str]
@@ -57,20 +87,132 @@ def apply_finetuning(model: nn.Module, config: ModelConfig) -> nn.Module:
     else:  # PEFT takes layers_to_transform with a list of names only
         targets = linear_module_names(model)
     try:
-        lora = LoraConfig(
-            r=config.lora_rank,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            target_modules=targets,
-            layers_to_transform=layers,
-            task_type="CAUSAL_LM",
-        )
-        return get_peft_model(model, lora)
+        return _wrap_lora(model, _lora_config(config, targets, layers), config)
     except ValueError as exc:
         raise RetainError(
             f"config: model.lora_target '{config.lora_target}' with model.lora_layers "
             f"'{config.lora_layers}' does not fit this model: {exc}"
         ) from None
+
+
+def _lora_config(
+    config: ModelConfig, targets: str | list[str], layers: list[int] | None = None
+) -> LoraConfig:
+    return LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=targets,
+        layers_to_transform=layers,
+        use_dora=config.use_dora,
+        use_rslora=config.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+
+
+def _wrap_lora(model: nn.Module, lora: LoraConfig, config: ModelConfig) -> PeftModel:
+    """The model with its `default` LoRA adapter: a new one from `lora`, or the one saved in
+    `model.adapter_name_or_path` (whose own settings win over `lora`'s)."""
+    if not config.adapter_name_or_path:
+        return get_peft_model(model, lora)
+    path = config.adapter_name_or_path
+    saved = read_adapter_config(path)
+    differ = _lora_differences(model, saved, lora)
+    if differ:
+        logger.warning("model.adapter_name_or_path %s: using the adapter's own %s", path, "; ".join(differ))
+    saved.lora_dropout = config.lora_dropout  # a training setting, not part of what the adapter learnt
+    try:
+        return PeftModel.from_pretrained(model, path, adapter_name="default", is_trainable=True, config=saved)
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RetainError(
+            f"config: model.adapter_name_or_path {path} does not fit model {config.name_or_path} ({first}); "
+            f"was it trained on another base model (its adapter_config.json says "
+            f"{saved.base_model_name_or_path or 'nothing'})?"
+        ) from None
+
+
+def _lora_differences(model: nn.Module, saved: LoraConfig, wanted: LoraConfig) -> list[str]:
+    """Where a saved adapter's LoRA settings differ from the config's: `key saved (model.field gives x)`."""
+
+    def targets(value):
+        if value == "all-linear":  # PEFT saves it expanded, as full module names
+            return sorted(linear_module_names(model))
+        if isinstance(value, (set, list, tuple)):  # by leaf name; layers_to_transform says which layers
+            return sorted({name.rsplit(".", 1)[-1] for name in value})
+        return value
+
+    fields = {
+        "r": "lora_rank",
+        "lora_alpha": "lora_alpha",
+        "target_modules": "lora_target",
+        "layers_to_transform": "lora_layers",
+        "use_dora": "use_dora",
+        "use_rslora": "use_rslora",
+    }
+    out = []
+    for key, field_name in fields.items():
+        mine, theirs = getattr(wanted, key), getattr(saved, key)
+        if key == "target_modules":
+            mine, theirs = targets(mine), targets(theirs)
+        if mine != theirs:
+            out.append(f"{key} {theirs} (model.{field_name} gives {mine})")
+    return out
+
+
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def read_adapter_config(path: str) -> LoraConfig:
+    """The LoRA config of a saved PEFT adapter folder, with a clear error for anything else."""
+    where = f"config: model.adapter_name_or_path {path}"
+    if not os.path.isdir(path):
+        raise RetainError(f"{where} is not a folder; point it at a PEFT adapter folder (adapter_config.json)")
+    if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+        raise RetainError(
+            f"{where} holds no adapter_config.json: it is not a PEFT adapter folder (a retain run saves its "
+            "adapters in tasks/<k>-<task>/adapter/)"
+        )
+    if not any(os.path.isfile(os.path.join(path, name)) for name in ADAPTER_WEIGHTS):
+        raise RetainError(f"{where} has adapter_config.json but no weights ({' or '.join(ADAPTER_WEIGHTS)})")
+    try:
+        config = PeftConfig.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise RetainError(f"{where}: cannot read adapter_config.json ({exc})") from None
+    if not isinstance(config, LoraConfig):
+        raise RetainError(f"{where} is a {config.peft_type} adapter; retain starts from LoRA adapters only")
+    return config
+
+
+def check_adapter(config: ModelConfig) -> None:
+    """What starting from `model.adapter_name_or_path` would refuse, checked without loading (the plan)."""
+    if not config.adapter_name_or_path:
+        return
+    if config.finetuning_type == "full":
+        raise RetainError(_FULL_WITH_ADAPTER)
+    read_adapter_config(config.adapter_name_or_path)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them
+    (non-reentrant torch checkpointing: same gradients, less memory, one more forward per layer)."""
+    inner = unwrap(model)
+    base = inner.get_base_model() if isinstance(inner, PeftModel) else inner
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise RetainError(
+            f"train.gradient_checkpointing: {type(base).__name__} does not support it; set it to false"
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # its name from transformers 5.x on
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # transformers also makes the embeddings' output require grad, which only reentrant checkpointing needs:
+    # it would carry the backward pass below the lowest LoRA layer (model.lora_layers last:N) for nothing.
+    try:
+        base.disable_input_require_grads()
+    except AttributeError:  # older transformers: no hook was registered
+        pass
 
 
 def _apply_finetuning_image_text(model: nn.Module, config: ModelConfig) -> nn.Module:
@@ -87,14 +229,8 @@ def _apply_finetuning_image_text(model: nn.Module, config: ModelConfig) -> nn.Mo
                 f"config: model.lora_target '{config.lora_target}' with model.lora_layers "
                 f"'{config.lora_layers}' names no linear layer of this model's language model"
             )
-        lora = LoraConfig(
-            r=config.lora_rank,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            target_modules=targets,  # full module names: the vision tower and projector never match
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, lora)  # freezes every weight of the base model
+        # full module names: the vision tower and projector never match
+        model = _wrap_lora(model, _lora_config(config, targets), config)  # freezes the base model
         params = dict(unwrap(model).get_base_model().named_parameters())
     else:
         params = dict(model.named_parameters())

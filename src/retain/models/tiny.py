@@ -70,7 +70,7 @@ TINY_LAYERS = 2
 
 
 def _tiny_text_config(tokenizer: PreTrainedTokenizerFast, **overrides) -> LlamaConfig:
-    return LlamaConfig(
+    settings = dict(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
@@ -82,14 +82,15 @@ def _tiny_text_config(tokenizer: PreTrainedTokenizerFast, **overrides) -> LlamaC
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
-        **overrides,
     )
+    return LlamaConfig(**{**settings, **overrides})  # overrides may replace any of these
 
 
 def tiny_model(
     tokenizer: PreTrainedTokenizerFast | None = None, seed: int = 0, **overrides
 ) -> LlamaForCausalLM:
-    """A 2-layer Llama with hidden size 32, randomly initialised from `seed` (builds in milliseconds)."""
+    """A 2-layer Llama with hidden size 32, randomly initialised from `seed` (builds in milliseconds);
+    `overrides` replace LlamaConfig settings (hidden_size, attn_implementation, ...)."""
     tokenizer = tokenizer or tiny_tokenizer()
     config = _tiny_text_config(tokenizer, **overrides)
     torch.manual_seed(seed)

@@ -117,11 +117,12 @@ def load_processor(path: str) -> Any:
     return processor
 
 
-def load_image_text_model(path: str) -> tuple[nn.Module, Any]:
-    """(model in fp32, processor) from a local image-text model folder, offline (load_model checks the
-    folder's weights first)."""
+def load_image_text_model(path: str, **options: Any) -> tuple[nn.Module, Any]:
+    """(model, processor) from a local image-text model folder, offline (load_model checks the folder's
+    weights first); `options` go to from_pretrained (dtype, default float32; attn_implementation; ...)."""
     processor = load_processor(path)
-    model = _from_pretrained(AutoModelForImageTextToText, path, "model", dtype=torch.float32)
+    options = {"dtype": torch.float32, **options}
+    model = _from_pretrained(AutoModelForImageTextToText, path, "model", **options)
     return model, processor
 
 

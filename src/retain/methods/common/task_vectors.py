@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -266,6 +266,26 @@ def _relative(inner: nn.Module, name: str) -> str:
 
 
 @torch.no_grad()
+def unit_scale_lora_config(like: Any, ranks: dict[str, int], **changes: Any) -> Any:
+    """`like` (a PEFT LoraConfig) for an adapter whose factors already hold their scaling: alpha equal to
+    the rank everywhere (scaling 1), per-layer ranks from `ranks` (module-name patterns -> rank; the
+    largest is the default r), no dropout, no rsLoRA or DoRA, for inference."""
+    top = max(ranks.values())
+    pattern = {name: rank for name, rank in ranks.items() if rank != top}
+    return dataclasses.replace(
+        like,
+        r=top,
+        lora_alpha=top,
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        lora_dropout=0.0,
+        use_rslora=False,
+        use_dora=False,
+        inference_mode=True,
+        **changes,
+    )
+
+
 def add_dense_adapter(model: nn.Module, name: str, vector: Mapping[str, torch.Tensor], like: str) -> None:
     """Add LoRA adapter `name` whose Delta W equals `vector` exactly, on the layers adapter `like` adapts.
 
@@ -276,18 +296,7 @@ def add_dense_adapter(model: nn.Module, name: str, vector: Mapping[str, torch.Te
     if set(layers) != set(vector):
         raise RetainError(f"the merged vector does not cover the layers of adapter '{like}'")
     ranks = {re.escape(_relative(inner, n)): min(vector[n].shape) for n in layers}
-    top = max(ranks.values())
-    config = dataclasses.replace(
-        inner.peft_config[like],
-        r=top,
-        lora_alpha=top,
-        rank_pattern=ranks,
-        alpha_pattern=dict(ranks),
-        lora_dropout=0.0,
-        use_rslora=False,
-        use_dora=False,
-        inference_mode=True,
-    )
+    config = unit_scale_lora_config(inner.peft_config[like], ranks)
     _delete(inner, name)
     inner.add_adapter(name, config)
     for module_name, layer in lora_layers(model, name).items():
