@@ -147,14 +147,17 @@ def print_plan(plan) -> None:
             str(steps),
         )
     console.print(table)
+    if plan.eval_only:
+        general = ", ".join(f"{t.name} ({len(t.test)} test, {t.scorer})" for t in plan.eval_only)
+        console.print(f"[bold]eval only[/bold] (scored in every row, never trained): {general}")
     if config.eval.mode == "rank":
-        ranked = [t.name for t in plan.tasks if t.labels]
+        ranked = [t.name for t in plan.tasks + plan.eval_only if t.labels]
         console.print(
             f"[bold]eval[/bold] rank mode (label log-likelihood) for: {', '.join(ranked) or 'none'}"
         )
     for warning in plan.stream.warnings if plan.stream else []:
         console.print(f"[yellow]warning[/yellow] {warning}")
-    for task in plan.tasks:
+    for task in plan.tasks + plan.eval_only:
         for finding in task.hygiene:
             console.print(f"[yellow]data check[/yellow] {task.name}: {finding.message}")
     out = os.path.abspath(config.output_dir)

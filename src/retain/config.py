@@ -44,6 +44,8 @@ SchedulerName = Literal[
 SEED_LIMIT = 2**32  # numpy's seeds are below 2**32; a task's seed is seed + task index
 # The trackers train.report_to can name (transformers' integrations of the same names).
 TRACKERS = ("tensorboard", "wandb", "mlflow")
+# `stream.eval_only: builtin` (or this spec): the built-in general set, which retain.data.general expands.
+BUILTIN_GENERAL = "general:builtin"
 # The answer styles `stream.answer_styles` can rewrite training answers into (retain/data/answer_styles.py
 # implements each one; tests/data/test_answer_styles.py checks that the two lists agree).
 ANSWER_STYLES = ("yes_no", "multiple_choice", "sentence")
@@ -137,6 +139,13 @@ class StreamConfig:
     tasks: list[TaskConfig] = field(
         default_factory=list,
         metadata={"help": "the tasks in training order; with a benchmark, the names of the tasks to run"},
+    )
+    eval_only: list[TaskConfig] = field(
+        default_factory=list,
+        metadata={
+            "help": "tasks scored in every row but never trained (general ability), each a task spec as in "
+            "tasks (its data is the test set); builtin: the built-in general set"
+        },
     )
     benchmark: str = field(
         default="", metadata={"help": "a benchmark (retain benchmarks lists them) instead of a task list"}
@@ -294,6 +303,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return build_dataclass(hint, value, where)
     if origin is list:
+        if isinstance(value, str) and where.endswith("eval_only"):
+            value = [value]  # `eval_only: builtin` is shorthand for a list of one task spec
         if not isinstance(value, list):
             raise RetainError(f"config: {where} must be a list, got {value!r}")
         (item,) = typing.get_args(hint)
@@ -704,6 +715,48 @@ def validate(config: RunConfig) -> None:
         _positive(task.test_size, f"{where}.test_size")
         task.train_size = task.train_size or config.stream.train_size
         task.test_size = task.test_size or config.stream.test_size
+    _eval_only(config.stream, seen)
+
+
+def _eval_only(stream: StreamConfig, stream_names: set[str]) -> None:
+    """`stream.eval_only`: each entry names its data once (train or test: it is only ever tested), no
+    training size, and a name of its own (the stream's task names are taken); `builtin` stands for the
+    built-in general set (retain.data.general), at most once."""
+    seen: set[str] = set()
+    for i, task in enumerate(stream.eval_only):
+        where = f"stream.eval_only[{i}]"
+        if task.train and task.test:
+            raise RetainError(
+                f"config: {where} gives both train ({task.train}) and test ({task.test}); an eval-only task "
+                "is never trained, so give its data once (as test, or as the task spec itself)"
+            )
+        task.test, task.train = task.test or task.train, ""
+        if task.test in ("builtin", BUILTIN_GENERAL):
+            task.test = BUILTIN_GENERAL
+            if any(t.test == BUILTIN_GENERAL for t in stream.eval_only[:i]):
+                raise RetainError(f"config: {where}: the built-in general set (builtin) is listed twice")
+        if not task.test:
+            raise RetainError(
+                f"config: {where} names no data; give a dataset name, a file, synthetic:<name>, "
+                "benchmark:<benchmark>/<task> or builtin"
+            )
+        if task.train_size is not None:
+            raise RetainError(
+                f"config: {where}.train_size: an eval-only task is never trained; remove it "
+                "(test_size caps its test examples)"
+            )
+        if not task.name:
+            task.name = task.test.split(":")[-1].split("/")[-1].rsplit(".", 1)[0]
+        if task.name in stream_names:
+            raise RetainError(
+                f"config: {where}.name '{task.name}' is also a task of the stream; an eval-only task is "
+                "never trained, so it needs a name of its own (set name:)"
+            )
+        if task.name in seen:
+            raise RetainError(f"config: {where}.name '{task.name}' is used twice; task names must be unique")
+        seen.add(task.name)
+        _positive(task.test_size, f"{where}.test_size")
+        task.test_size = task.test_size or stream.test_size
 
 
 def config_to_dict(config: RunConfig) -> dict:
@@ -760,7 +813,7 @@ def config_reference(section: str = "") -> str:
         lines.append(f"[{name}]")
         hints = typing.get_type_hints(cls)
         for spec in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(hints[spec.name]) or spec.name == "tasks":
+            if dataclasses.is_dataclass(hints[spec.name]) or spec.name in ("tasks", "eval_only"):
                 continue  # a section of its own
             key = f"{prefix}{spec.name}"
             lines.append(f"{key}: {_type_name(hints[spec.name])} = {_default_text(spec)}")
@@ -771,6 +824,8 @@ def config_reference(section: str = "") -> str:
         if name == "stream":
             lines.append("stream.tasks: list of tasks, each a dataset spec or a mapping (see [task])")
             lines.append("    also at the top level as: tasks; LLaMA-Factory/EasyCL: dataset: a,b,c")
+            lines.append("stream.eval_only: list of tasks scored in every row but never trained (see [task];")
+            lines.append("    each one's data is its test set), or builtin for the built-in general set")
         if name == "method":
             lines.append("    the method's own settings go beside name (retain methods lists them)")
             lines.append("    EasyCL: use_<method>: true and its settings (docs/llamafactory_easycl.md)")

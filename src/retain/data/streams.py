@@ -21,6 +21,14 @@ from retain.data.answer_styles import diversify
 from retain.data.benchmarks import benchmark_dir, benchmark_tasks, find_benchmark, infer_labels, select_tasks
 from retain.data.dataset_info import load_examples
 from retain.data.formats import Example
+from retain.data.general import (
+    BENCHMARK_PREFIX,
+    INSTRUCT_SCORER,
+    INSTRUCT_SPEC,
+    expand_builtin,
+    instruct_file,
+    overlap_findings,
+)
 from retain.data.hygiene import Finding, check_task
 from retain.data.synthetic import SYNTHETIC_TASKS, load_synthetic
 from retain.errors import RetainError
@@ -117,6 +125,12 @@ def finish_task(
     )
 
 
+def default_scorer(spec: str) -> str:
+    """The scorer of a task without one: a synthetic task's own, else `normalized`."""
+    name = spec[len(SYNTHETIC_PREFIX) :] if spec.startswith(SYNTHETIC_PREFIX) else ""
+    return SYNTHETIC_TASKS[name].scorer if name in SYNTHETIC_TASKS else "normalized"
+
+
 def build_task(cfg: TaskConfig, run: RunConfig) -> Task:
     """Load, split, check and subsample one task's data."""
     dataset_dir = run.stream.dataset_dir or None
@@ -139,10 +153,7 @@ def build_task(cfg: TaskConfig, run: RunConfig) -> Task:
         notes.append(f"no test set given: {n_test} training examples held out for testing")
         if not train:
             raise RetainError(f"task '{cfg.name}': {cfg.train} has too few examples to hold out a test set")
-    scorer = cfg.scorer
-    if not scorer:
-        name = cfg.train[len(SYNTHETIC_PREFIX) :] if synthetic else ""
-        scorer = SYNTHETIC_TASKS[name].scorer if name in SYNTHETIC_TASKS else "normalized"
+    scorer = cfg.scorer or default_scorer(cfg.train)
     if synthetic:
         # Generated tasks repeat short examples by design: hygiene checks would only report noise.
         return finish_task(cfg, dataclasses.replace(run, stream=_no_hygiene(run)), train, test, scorer)
@@ -205,6 +216,65 @@ def _benchmark_tasks(run: RunConfig) -> tuple[list[Task], list[str], dict]:
     return tasks, warnings, described
 
 
+def _benchmark_test(cfg: TaskConfig, run: RunConfig) -> tuple[list[Example], str, list[str] | None, bool]:
+    """`benchmark:<benchmark>/<task>`: that task's test set, scorer, label set and whether it is declared."""
+    name, _, task = cfg.test[len(BENCHMARK_PREFIX) :].partition("/")
+    if not name or not task:
+        raise RetainError(
+            f"config: eval-only task '{cfg.name}': '{cfg.test}' is not a benchmark task; write it as "
+            f"{BENCHMARK_PREFIX}<benchmark>/<task>, e.g. {BENCHMARK_PREFIX}olora/dbpedia"
+        )
+    root = benchmark_dir(run.stream.benchmark_dir)
+    benchmark = find_benchmark(name, root)
+    located, _ = benchmark_tasks(benchmark, root, [task], False, image_dir=run.stream.image_dir)
+    item = located[0]
+    test = item.read(item.files["test"])
+    declared = item.read_labels() if item.read_labels else None
+    labels, source = (declared, "declared") if declared else infer_labels(test)
+    return test, cfg.scorer or item.scorer, labels, source in ("declared", "instruction options")
+
+
+def build_eval_task(cfg: TaskConfig, run: RunConfig) -> Task:
+    """One eval-only task (`stream.eval_only`): its data (`cfg.test`) is all test set, never trained; a
+    label set (for rank mode) is the instruction's options or its few distinct answers."""
+    spec = cfg.test
+    synthetic = spec.startswith(SYNTHETIC_PREFIX)
+    declared = False
+    if spec.startswith(BENCHMARK_PREFIX):
+        test, scorer, labels, declared = _benchmark_test(cfg, run)
+    elif spec == INSTRUCT_SPEC:
+        with instruct_file() as path:
+            test = load_examples(path)
+        scorer, labels = cfg.scorer or INSTRUCT_SCORER, None
+    else:
+        test = _load_spec(spec, run.stream.dataset_dir, cfg.test_size, run.seed, "test", run.stream.image_dir)
+        scorer = cfg.scorer or default_scorer(spec)
+        labels, source = (None, "") if synthetic else infer_labels(test)
+        declared = source == "instruction options"
+    # Generated tasks repeat short examples by design: hygiene checks would only report noise.
+    checked = dataclasses.replace(run, stream=_no_hygiene(run)) if synthetic else run
+    return finish_task(cfg, checked, [], test, scorer, labels=labels, labels_declared=declared)
+
+
+def load_eval_only(run: RunConfig, tasks: list[Task]) -> list[Task]:
+    """The eval-only tasks of `run` (`builtin` expanded), each checked against the stream's training data."""
+    names = {t.name for t in tasks}
+    trained = {cfg.train for cfg in run.stream.tasks}
+    configs = expand_builtin(run.stream.eval_only, trained, names)
+    clash = sorted(names & {cfg.name for cfg in configs})
+    if clash:
+        raise RetainError(
+            f"config: stream.eval_only task(s) {', '.join(clash)} share a name with a task of the stream; "
+            "an eval-only task is never trained, so give it a name of its own (name:)"
+        )
+    general = [build_eval_task(cfg, run) for cfg in configs]
+    if run.stream.hygiene:
+        trained_data = {t.name: t.train for t in tasks}
+        for task in general:
+            task.hygiene.extend(overlap_findings(task.name, task.test, trained_data))
+    return general
+
+
 @dataclass
 class Stream:
     """The loaded tasks plus what a report must say about them."""
@@ -212,6 +282,8 @@ class Stream:
     tasks: list[Task]
     warnings: list[str] = field(default_factory=list)  # e.g. tasks dropped for missing files
     benchmark: dict | None = None  # name, layout, order, dir, tasks when the stream is a benchmark
+    # Tasks scored in every row but never trained (stream.eval_only); their own columns and metrics.
+    eval_only: list[Task] = field(default_factory=list)
 
 
 def load_stream(run: RunConfig) -> Stream:
@@ -222,14 +294,15 @@ def load_stream(run: RunConfig) -> Stream:
         tasks, warnings, benchmark = _benchmark_tasks(run)
     else:
         tasks = [build_task(cfg, run) for cfg in run.stream.tasks]
+    eval_only = load_eval_only(run, tasks)
     for warning in warnings:
         logger.warning("%s", warning)
-    for task in tasks:
+    for task in tasks + eval_only:
         for note in task.notes:
             logger.warning("task %s: %s", task.name, note)
         for finding in task.hygiene:
             logger.warning("data check, task %s: %s", task.name, finding.message)
-    return Stream(tasks=tasks, warnings=warnings, benchmark=benchmark)
+    return Stream(tasks=tasks, warnings=warnings, benchmark=benchmark, eval_only=eval_only)
 
 
 def build_stream(run: RunConfig) -> list[Task]:

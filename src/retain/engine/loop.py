@@ -21,6 +21,7 @@ from transformers import TrainingArguments, set_seed
 from retain.config import RunConfig, report_to
 from retain.data.batching import FeatureDataset
 from retain.data.encode import encode_dataset
+from retain.data.streams import Task
 from retain.engine.evaluate import evaluate_row
 from retain.engine.plan import Plan, check_encoding, make_plan
 from retain.engine.provenance import provenance
@@ -29,6 +30,7 @@ from retain.engine.trackers import Tracking, open_tracking
 from retain.engine.trainer import ContinualTrainer
 from retain.errors import RetainError
 from retain.evaluation.html_report import write_html_report
+from retain.evaluation.metrics import general_retention
 from retain.evaluation.report import build_results, write_report
 from retain.methods.base import MethodContext
 from retain.models.adapters import adapter_names, apply_finetuning
@@ -180,20 +182,24 @@ class Experiment:
         self.tracking.trained(index, log)
         return seconds, log
 
-    def evaluate(self, row: int) -> list[float] | None:
-        """Row `row` of the matrix (the state after unit `row`), computed on the main process."""
+    def evaluate(self, row: int, general: bool = False) -> list[float]:
+        """Row `row` of the matrix (the state after unit `row`); with `general`, that row of the eval-only
+        tasks' scores instead. Every process answers a share of the prompts and gets the row's scores; the
+        main process writes the predictions."""
         self.restore(row)
-        scores = None
-        if self.is_main:
-            files = [self.run_dir.eval_file(row, task.name) for task in self.plan.tasks]
-            scores = evaluate_row(
-                self.method,
-                self.ctx,
-                row,
-                files,
-                self.config.eval.max_new_tokens,
-                self.config.eval.batch_size,
-            )
+        tasks = self.plan.eval_only if general else self.plan.tasks
+        files = [self.run_dir.eval_file(row, task.name, general) for task in tasks]
+        scores = evaluate_row(
+            self.method,
+            self.ctx,
+            row,
+            files,
+            self.config.eval.max_new_tokens,
+            self.config.eval.batch_size,
+            all_processes=True,
+            tasks=tasks,
+        )
+        if self.is_main and not general:
             self.tracking.row(row, [task.name for task in self.plan.tasks], scores)
         self.processes.wait_for_everyone()
         return scores
@@ -217,14 +223,18 @@ def _results(plan: Plan, state: RunState) -> dict:
         "adapters": state.adapters,
         "train_sizes": {t.name: len(t.train) for t in plan.tasks},
         "test_sizes": {t.name: len(t.test) for t in plan.tasks},
-        "eval_mode": {
-            t.name: "rank" if config.eval.mode == "rank" and t.labels else "generate" for t in plan.tasks
-        },
+        "eval_mode": {t.name: _eval_mode(config, t) for t in plan.tasks},
         "data_checks": {
             "warnings": plan.stream.warnings if plan.stream else [],
-            "findings": [f.to_dict() for t in plan.tasks for f in t.hygiene],
+            "findings": [f.to_dict() for t in plan.tasks + plan.eval_only for f in t.hygiene],
         },
     }
+    if plan.eval_only:
+        names = [t.name for t in plan.eval_only]
+        matrix = state.general_matrix(len(plan.train_units) + 1)
+        extra["general"] = {"tasks": names, "matrix": matrix, "metrics": general_retention(matrix, names)}
+        extra["general"]["test_sizes"] = {t.name: len(t.test) for t in plan.eval_only}
+        extra["general"]["eval_mode"] = {t.name: _eval_mode(config, t) for t in plan.eval_only}
     if plan.stream and plan.stream.benchmark:
         extra["benchmark"] = plan.stream.benchmark
     extra["provenance"] = provenance(use_bf16(config))
@@ -312,6 +322,8 @@ def _train_and_evaluate(
         experiment.save_state(state)
         if experiment.is_main:  # report.html fills in as the run goes, row by row
             write_html_report(experiment.run_dir.path, _results(plan, state))
+    if evaluate and config.eval.before_training:
+        _evaluate_general(experiment, state, 0)
     units = plan.train_units if train else plan.train_units[: state.trained]
     for index in range(1, len(units) + 1):
         if index > state.trained:
@@ -328,6 +340,8 @@ def _train_and_evaluate(
             experiment.save_state(state)
             if experiment.is_main:
                 write_html_report(experiment.run_dir.path, _results(plan, state))
+        if evaluate:
+            _evaluate_general(experiment, state, index)
     timings["last_session_s"] = round(time.perf_counter() - wall, 3)
     experiment.restore(len(units))
     state.adapters = adapter_names(experiment.model)
@@ -340,3 +354,18 @@ def _train_and_evaluate(
         experiment.tracking.metrics(results["metrics"])
     experiment.processes.wait_for_everyone()
     return results
+
+
+def _eval_mode(config: RunConfig, task: Task) -> str:
+    """How `task` is scored: "rank" (its label set ranked by log-likelihood) or "generate"."""
+    return "rank" if config.eval.mode == "rank" and task.labels else "generate"
+
+
+def _evaluate_general(experiment: Experiment, state: RunState, row: int) -> None:
+    """Score the eval-only tasks in row `row` unless done (a resumed run fills the rows it lacks)."""
+    if not experiment.plan.eval_only or str(row) in state.general_rows:
+        return
+    start = time.perf_counter()
+    state.general_rows[str(row)] = experiment.evaluate(row, general=True)
+    state.timings[f"eval_general_s/{row}"] = round(time.perf_counter() - start, 3)
+    experiment.save_state(state)

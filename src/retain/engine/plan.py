@@ -42,21 +42,30 @@ class Plan:
     def joint(self) -> bool:
         return self.method.joint_training
 
+    @property
+    def eval_only(self) -> list[Task]:
+        """The tasks scored in every row but never trained (stream.eval_only)."""
+        return self.stream.eval_only if self.stream else []
+
     def fingerprints(self) -> dict[str, Any]:
         """What the results depend on besides config.yaml, as content hashes: the resolved method settings
-        and each task's examples as used (after subsampling and the default system prompt), train and test.
+        and each task's examples as used (after subsampling and the default system prompt), train and test,
+        and the eval-only tasks' test examples ("general", only when there are any).
         state.json records them, and a resume whose data or settings hash differently is refused."""
-        return {
+        prints: dict[str, Any] = {
             "method": _digest([self.method.name, self.config.method.params]),
             "data": {
                 task.name: {"train": examples_digest(task.train), "test": examples_digest(task.test)}
                 for task in self.tasks
             },
         }
+        if self.eval_only:
+            prints["general"] = {task.name: {"test": examples_digest(task.test)} for task in self.eval_only}
+        return prints
 
     def data_source(self, task: str, split: str) -> str:
         """Where a task's `split` examples come from, for messages: the data file or dataset name."""
-        for cfg in self.config.stream.tasks:
+        for cfg in [*self.config.stream.tasks, *self.config.stream.eval_only]:
             if cfg.name == task:
                 spec = cfg.test if split == "test" and cfg.test else cfg.train
                 if spec:
@@ -114,7 +123,7 @@ def make_plan(config: RunConfig) -> Plan:
     stream = load_stream(config)
     tasks = stream.tasks
     check_images(config, tasks, method)
-    for task in tasks:
+    for task in tasks + stream.eval_only:
         get_scorer(task.scorer)  # an unknown scorer name fails here, before anything trains
     units = tasks
     if method.joint_training:

@@ -5,6 +5,7 @@
   state.json             tasks trained, rows evaluated, timings: the resume point
   tasks/<k>-<task>/      adapter/ (PEFT format) or model/ (full fine-tuning), method_state.pt, train_log.json
   eval/<k>/<task>.jsonl  prompt, prediction, reference, score per test example
+  eval/<k>/general/<task>.jsonl   the same for each eval-only task (stream.eval_only)
   results.json, report.md, accuracy_matrix.png, report.html (rewritten after every row)
   tracking/              tensorboard/, wandb/, mlruns/, runs.json (train.report_to)
   merges/<name>/, lines/<name>/   written later by `retain merge` / `retain lines` (adapter, eval, results)
@@ -57,7 +58,8 @@ class RunState:
     """Where a run stands (state.json): what is trained, which rows are evaluated, how long each took.
 
     `trained` is -1 before the initial checkpoint, then the number of units trained; `rows` maps a row
-    index (as a string, the JSON key) to that row of the accuracy matrix.
+    index (as a string, the JSON key) to that row of the accuracy matrix, and `general_rows` to that row
+    of the eval-only tasks' scores (stream.eval_only), kept apart so that `rows` keeps its meaning.
     """
 
     tasks: list[str]
@@ -70,6 +72,7 @@ class RunState:
     # Content hashes of what the results depend on besides config.yaml (Plan.fingerprints): "method" (the
     # resolved settings) and "data" (task -> {"train", "test"}). Empty in a state file from before 0.3.
     fingerprints: dict[str, Any] = field(default_factory=dict)
+    general_rows: dict[str, list[float] | None] = field(default_factory=dict)
 
     def has_row(self, row: int) -> bool:
         return str(row) in self.rows
@@ -80,6 +83,10 @@ class RunState:
     def matrix(self, num_rows: int) -> list[list[float] | None]:
         """Rows 0..num_rows-1; None for a row not evaluated."""
         return [self.rows.get(str(i)) for i in range(num_rows)]
+
+    def general_matrix(self, num_rows: int) -> list[list[float] | None]:
+        """Rows 0..num_rows-1 of the eval-only tasks' scores; None for a row not evaluated."""
+        return [self.general_rows.get(str(i)) for i in range(num_rows)]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,8 +134,9 @@ class RunDir:
     def task_dir(self, index: int, name: str) -> str:
         return os.path.join(self.path, "tasks", f"{index}-{name}")
 
-    def eval_file(self, row: int, task: str) -> str:
-        return os.path.join(self.path, "eval", str(row), f"{task}.jsonl")
+    def eval_file(self, row: int, task: str, general: bool = False) -> str:
+        """Row `row`'s predictions on `task`; an eval-only task's (`general`) in the row's general/."""
+        return os.path.join(self.path, "eval", str(row), *(["general"] if general else []), f"{task}.jsonl")
 
     def exists(self) -> bool:
         return os.path.isfile(self.state_path)
@@ -214,6 +222,14 @@ class RunDir:
                         f"task '{task}': its {words} changed since this run started ({where}); "
                         f"run directory {self.path} holds results of the old data; {advice}"
                     )
+        for task, hashes in (new.get("general") or {}).items():
+            recorded = ((old.get("general") or {}).get(task) or {}).get("test")
+            if recorded and recorded != hashes.get("test"):
+                where = source(task, "test") if source else "its data source"
+                raise RetainError(
+                    f"eval-only task '{task}': its test data changed since this run started ({where}); "
+                    f"run directory {self.path} holds results of the old data; {advice}"
+                )
 
     def take_over(self) -> None:
         """On the main process, under the lock, before anything is written: remove the temporaries a kill

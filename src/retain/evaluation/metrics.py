@@ -48,27 +48,32 @@ def validate_matrix(matrix: Matrix, joint: bool = False) -> int:
             f"accuracy matrix: {len(matrix)} row(s) give no task; a stream of T tasks needs T + 1 rows "
             "(row 0 before training) of T scores each"
         )
+    _check_rows(matrix, n_tasks, "accuracy matrix")
+    return n_tasks
+
+
+def _check_rows(matrix: Matrix, n_columns: int, what: str) -> None:
+    """Every row not None holds `n_columns` numbers in [0, 1]; RetainError naming the row and cell."""
     for i, row in enumerate(matrix):
         if row is None:
             continue
         if isinstance(row, str | bytes) or not isinstance(row, Sequence):
-            raise RetainError(f"accuracy matrix row {i}: expected a list of {n_tasks} scores or null")
-        if len(row) != n_tasks:
+            raise RetainError(f"{what} row {i}: expected a list of {n_columns} scores or null")
+        if len(row) != n_columns:
             raise RetainError(
-                f"accuracy matrix row {i}: has {len(row)} score(s) but the matrix has {n_tasks} task(s) "
+                f"{what} row {i}: has {len(row)} score(s) but the matrix has {n_columns} task(s) "
                 f"({len(matrix)} rows); every row needs one score per task"
             )
         for j, value in enumerate(row):
             if isinstance(value, bool) or not isinstance(value, Real):
                 raise RetainError(
-                    f"accuracy matrix row {i}, column {j}: {value!r} is not a number; scores are in [0, 1]"
+                    f"{what} row {i}, column {j}: {value!r} is not a number; scores are in [0, 1]"
                 )
             if math.isnan(value) or not 0.0 <= value <= 1.0:
                 raise RetainError(
-                    f"accuracy matrix row {i}, column {j}: {value!r} is not in [0, 1]; "
+                    f"{what} row {i}, column {j}: {value!r} is not in [0, 1]; "
                     "scores are fractions (0.75, not 75) and never NaN"
                 )
-    return n_tasks
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -187,3 +192,57 @@ def compute_metrics(matrix: Matrix, joint: bool = False) -> dict[str, float | No
         "forgetting": forgetting(matrix),
         "plasticity": plasticity(matrix),
     }
+
+
+def _retention(scores: list[float | None]) -> dict[str, float | int | None]:
+    """before, last, drop, worst, worst_row and max_drop of one series of scores over rows 0..N."""
+    before, last = scores[0], scores[-1]
+    trained = [(value, i) for i, value in enumerate(scores) if i > 0 and value is not None]
+    # The first of equal minima: the earliest row at which the ability was at its lowest.
+    worst, worst_row = min(trained, key=lambda pair: (pair[0], pair[1])) if trained else (None, None)
+    return {
+        "before": before,
+        "last": last,
+        "drop": None if before is None or last is None else before - last,
+        "worst": worst,
+        "worst_row": worst_row,
+        "max_drop": None if before is None or worst is None else before - worst,
+    }
+
+
+def general_retention(matrix_general: Matrix, tasks: Sequence[str] | None = None) -> dict:
+    """General retention: what training the stream did to the eval-only (general-ability) tasks.
+
+    `matrix_general[i][g]` is the score on eval-only task g after training the i-th task (row 0: before
+    any training, the last row: after the whole stream; a row not evaluated is None), with as many rows
+    as the stream's matrix and one column per eval-only task. These tasks are never trained, so the
+    stream metrics (Last, Avg, BWT, ...) do not apply; instead, for each task and for their mean per row:
+
+    - `before` = R[0][g] and `last` = R[N][g] (N the last row);
+    - `drop` = R[0][g] - R[N][g]: the ability lost by the end of the stream (negative: gained);
+    - `worst` = min_{i >= 1} R[i][g], reached first at row `worst_row`, and `max_drop` = R[0][g] - worst:
+      the deepest dip at any point of the stream, which a recovery by the last row would hide.
+
+    Returns `{"mean": {...}, "tasks": {name: {...}}}` with those keys (None where a needed row is
+    missing), the mean taken over the eval-only tasks row by row before the keys are computed; tasks are
+    named by `tasks` (default task1..taskG).
+    """
+    if isinstance(matrix_general, str | bytes) or not isinstance(matrix_general, Sequence):
+        raise RetainError("general matrix: expected a list of rows (row 0 before training), one per row")
+    if len(matrix_general) < 2:
+        raise RetainError(
+            f"general matrix: {len(matrix_general)} row(s); it has the stream matrix's rows, at least 2 "
+            "(before training and after the first task)"
+        )
+    rows = [row for row in matrix_general if row is not None]
+    n_columns = len(rows[0]) if rows else len(tasks or [])
+    _check_rows(matrix_general, n_columns, "general matrix")
+    names = list(tasks) if tasks is not None else [f"task{g}" for g in range(1, n_columns + 1)]
+    if len(names) != n_columns:
+        raise RetainError(f"general matrix: {len(names)} task name(s) for {n_columns} column(s)")
+    per_task = {
+        name: _retention([None if row is None else float(row[g]) for row in matrix_general])
+        for g, name in enumerate(names)
+    }
+    means = [None if row is None or not row else _mean([float(v) for v in row]) for row in matrix_general]
+    return {"mean": _retention(means), "tasks": per_task}

@@ -23,6 +23,11 @@
   "order", "dir", "tasks"}), and `provenance` ({"retain", "git": {"commit", "dirty"} | null, "python",
   "platform", "packages", "hardware": {"cpu", "cpu_cores", "gpus", "gpu_count", "cuda", "bf16"}}: what
   produced the file).
+- `general` (only with `stream.eval_only`): the eval-only tasks, scored in every row but never trained,
+  kept out of `tasks`/`matrix`/`metrics` so those keep their meaning: `{"tasks": [G names], "matrix":
+  [T + 1 rows of G scores, or null], "metrics": general_retention(matrix) (per task and mean: before,
+  last, drop = before - last, worst, worst_row, max_drop; see retain.evaluation.metrics),
+  "test_sizes": {task: n}, "eval_mode": {task: "generate" | "rank"}}`.
 """
 
 from __future__ import annotations
@@ -38,11 +43,12 @@ from rich.table import Table
 
 from retain.errors import RetainError
 from retain.evaluation.html_report import write_html_report
-from retain.evaluation.labels import METRIC_LABELS, metric_value, percent, row_labels
+from retain.evaluation.labels import METRIC_LABELS, metric_value, percent, row_labels, signed_percent
 from retain.evaluation.metrics import METRIC_NAMES, compute_metrics, validate_matrix
 from retain.io import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 RESULTS_SCHEMA_VERSION = 1
+GENERAL_TITLE = "General ability (%): eval-only tasks, never trained"
 
 
 def build_results(
@@ -99,11 +105,45 @@ def render_metrics(results: dict) -> Table:
     return table
 
 
+def general_rows(results: dict) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """The eval-only tasks' table as text: the header (mean first) and (label, cells) per row, the scores
+    per row of the general matrix and then its drops, in percent."""
+    general = results["general"]
+    names = ["mean", *general["tasks"]]
+    rows = []
+    for label, row in zip(row_labels(results), general["matrix"], strict=True):
+        scores = [None] * len(names) if row is None else [sum(row) / len(row) if row else None, *row]
+        rows.append((label, [percent(v) for v in scores]))
+    metrics = [general["metrics"]["mean"], *(general["metrics"]["tasks"][t] for t in general["tasks"])]
+    rows.append(("drop (before - last)", [signed_percent(m["drop"]) for m in metrics]))
+    rows.append(("max drop (before - worst)", [signed_percent(m["max_drop"]) for m in metrics]))
+    return names, rows
+
+
+def render_general(results: dict) -> Table:
+    """The eval-only tasks' retention as a rich table in percent, one row per task after their mean (the
+    whole general matrix is in report.md: a column per task would not fit a terminal)."""
+    general = results["general"]
+    table = Table(title=GENERAL_TITLE)
+    for column in ("task", "before", "last", "drop", "worst (row)", "max drop"):
+        left = column == "task"
+        table.add_column(column, style="bold" if left else None, justify="left" if left else "right")
+    metrics = general["metrics"]
+    for name, m in [("mean", metrics["mean"]), *((t, metrics["tasks"][t]) for t in general["tasks"])]:
+        worst = percent(m["worst"]) + ("" if m["worst_row"] is None else f" ({m['worst_row']})")
+        drops = signed_percent(m["drop"]), signed_percent(m["max_drop"])
+        table.add_row(name, percent(m["before"]), percent(m["last"]), drops[0], worst, drops[1])
+    return table
+
+
 def print_report(results: dict, console: Console | None = None) -> None:
-    """Print the matrix and metrics tables to `console` (a new stdout console by default)."""
+    """Print the matrix and metrics tables (and the eval-only tasks' table, if any) to `console` (a new
+    stdout console by default)."""
     console = console or Console()
     console.print(render_table(results))
     console.print(render_metrics(results))
+    if results.get("general"):
+        console.print(render_general(results))
 
 
 def matrix_figure(results: dict):
@@ -167,8 +207,21 @@ def markdown_report(results: dict) -> str:
     lines += ["", "## Metrics (%)", "", "| metric | value |", "| --- | ---: |"]
     for name in METRIC_NAMES:
         lines.append(f"| {METRIC_LABELS[name]} | {metric_value(name, results['metrics'].get(name))} |")
+    lines += _general_section(results)
     lines += _run_notes(results)
     return "\n".join(lines) + "\n"
+
+
+def _general_section(results: dict) -> list[str]:
+    """The eval-only tasks' table as markdown (nothing without stream.eval_only)."""
+    if not results.get("general"):
+        return []
+    names, rows = general_rows(results)
+    lines = ["", f"## {GENERAL_TITLE}", ""]
+    lines.append("| model | " + " | ".join(_md_cell(t) for t in names) + " |")
+    lines.append("| --- |" + " ---: |" * len(names))
+    lines += [f"| {_md_cell(label)} | " + " | ".join(cells) + " |" for label, cells in rows]
+    return lines
 
 
 def _run_notes(results: dict) -> list[str]:
