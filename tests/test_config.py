@@ -185,3 +185,10 @@ def test_relative_paths_resolve_from_the_current_directory_and_the_config_folder
     assert "configs/data" in str(err.value)
     monkeypatch.chdir(configs)
     assert load_config(str(path)).stream.dataset_dir == "data"
+
+
+def test_a_sweep_section_is_left_to_retain_sweep():
+    from retain.config import config_from_dict as build
+
+    raw = {"stream": {"tasks": ["synthetic:parity"]}, "sweep": {"seeds": 3, "methods": ["ewc"]}}
+    assert build(raw).method.name == "sequential"

@@ -515,8 +515,10 @@ def config_from_dict(
 ) -> RunConfig:
     """Build and validate a RunConfig from a raw mapping plus dotted overrides; `name` fills `{config}`.
 
-    Every refused or unknown key (LLaMA-Factory's and EasyCL's included) is named in one error.
+    Every refused or unknown key (LLaMA-Factory's and EasyCL's included) is named in one error. A
+    `sweep:` section is `retain sweep`'s (engine/sweep.py); a single run ignores it.
     """
+    raw = {key: value for key, value in raw.items() if key != "sweep"}
     tree, found = _normalise_tree(raw)
     if overrides:
         extra, more = _normalise_tree(parse_overrides(overrides))
