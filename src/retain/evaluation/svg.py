@@ -7,7 +7,7 @@ charts even with JavaScript off. Every text that reaches the markup goes through
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from html import escape
 
 # Viridis at 9 evenly spaced points (matplotlib's colormap, the one accuracy_matrix.png uses).
@@ -144,6 +144,32 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
 Series = tuple[str, Sequence[tuple[float, float]]]
 
 
+def _scales(
+    left: float, top: float, plot_w: float, plot_h: float, xs: tuple[float, float], ys: tuple[float, float]
+) -> tuple[Callable[[float], float], Callable[[float], float]]:
+    """Data -> pixel maps for a plot area whose top-left corner is (left, top); y grows upwards."""
+    (x_low, x_high), (y_low, y_high) = xs, ys
+
+    def sx(x: float) -> float:
+        return left + (x - x_low) / ((x_high - x_low) or 1.0) * plot_w
+
+    def sy(y: float) -> float:
+        return top + (1 - (y - y_low) / ((y_high - y_low) or 1.0)) * plot_h
+
+    return sx, sy
+
+
+def _chart_start(kind: str, width: int, height: int, title: str) -> list[str]:
+    """The opening <svg> tag of a chart of class `kind`, and its title."""
+    parts = [
+        f'<svg class="chart {kind}" role="img" xmlns="http://www.w3.org/2000/svg" width="{width}" '
+        f'height="{height}" viewBox="0 0 {width} {height}">'
+    ]
+    if title:
+        parts.append(f'<text x="4" y="16" class="title">{escape(title)}</text>')
+    return parts
+
+
 def line_chart(
     series: Sequence[Series],
     *,
@@ -176,18 +202,8 @@ def line_chart(
     bottom = 48 + 18 * legend_rows
     plot_w, plot_h = width - left - right, height - top - bottom
 
-    def sx(x: float) -> float:
-        return left + (x - x_low) / (x_high - x_low) * plot_w
-
-    def sy(y: float) -> float:
-        return top + (1 - (y - y_low) / ((y_high - y_low) or 1.0)) * plot_h
-
-    parts = [
-        f'<svg class="chart line" role="img" xmlns="http://www.w3.org/2000/svg" width="{width}" '
-        f'height="{height}" viewBox="0 0 {width} {height}">'
-    ]
-    if title:
-        parts.append(f'<text x="4" y="16" class="title">{escape(title)}</text>')
+    sx, sy = _scales(left, top, plot_w, plot_h, (x_low, x_high), (y_low, y_high))
+    parts = _chart_start("line", width, height, title)
     for tick in y_ticks:
         if y_low - 1e-12 <= tick <= y_high + 1e-12:
             y = sy(tick)
@@ -270,18 +286,8 @@ def scatter(
     left, right, top, bottom = 56, 90, 28 if title else 12, 44
     plot_w, plot_h = width - left - right, height - top - bottom
 
-    def sx(x: float) -> float:
-        return left + (x - x_low) / ((x_high - x_low) or 1.0) * plot_w
-
-    def sy(y: float) -> float:
-        return top + (1 - (y - y_low) / ((y_high - y_low) or 1.0)) * plot_h
-
-    parts = [
-        f'<svg class="chart scatter" role="img" xmlns="http://www.w3.org/2000/svg" width="{width}" '
-        f'height="{height}" viewBox="0 0 {width} {height}">'
-    ]
-    if title:
-        parts.append(f'<text x="4" y="16" class="title">{escape(title)}</text>')
+    sx, sy = _scales(left, top, plot_w, plot_h, (x_low, x_high), (y_low, y_high))
+    parts = _chart_start("scatter", width, height, title)
     for tick in y_ticks:
         y = sy(tick)
         parts.append(
