@@ -123,3 +123,18 @@ def test_runs_without_config_yaml_stay_apart(tmp_path):
 def test_repeated_folder_names_are_told_apart_by_their_path(tmp_path):
     runs = load_runs([fake_run(tmp_path / "lwf", "seed1", 0.5), fake_run(tmp_path / "ewc", "seed1", 0.4)])
     assert [r.name for r in runs] == [os.path.join("lwf", "seed1"), os.path.join("ewc", "seed1")]
+
+
+def test_a_setting_missing_from_an_older_config_counts_at_its_default(tmp_path):
+    """A run made before a setting existed groups with later runs that have it at its default, and not
+    with runs that set it to something else."""
+    old = fake_run(tmp_path, "old", 0.5, seed=1)
+    new = fake_run(tmp_path, "new", 0.7, seed=2)
+    other = fake_run(tmp_path, "other", 0.9, seed=3)
+    for folder, eval_only in ((new, []), (other, ["synthetic:parity"])):
+        config = yaml.safe_load(open(os.path.join(folder, "config.yaml")))
+        config["stream"]["eval_only"] = eval_only
+        with open(os.path.join(folder, "config.yaml"), "w") as handle:
+            yaml.safe_dump(config, handle)
+    groups = group_runs(load_runs([old, new, other]))
+    assert sorted(g.n for g in groups) == [1, 2]

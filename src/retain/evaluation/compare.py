@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from retain.config import RunConfig, config_to_dict
 from retain.errors import RetainError, did_you_mean
 from retain.evaluation.metrics import METRIC_NAMES, compute_metrics
 from retain.evaluation.report import load_matrix_file
@@ -156,9 +157,17 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+_DEFAULTS = _flatten(config_to_dict(RunConfig()))
+
+
 def setting_of(config: dict) -> dict[str, Any]:
-    """A run's setting: its config flattened to dotted keys, without the keys that tell seeds apart."""
-    return {k: v for k, v in _flatten(config).items() if k not in SEED_KEYS}
+    """A run's setting: its config flattened to dotted keys, without the keys that tell seeds apart. A
+    setting its config.yaml lacks (written before the setting existed) counts at its default, as a resume
+    counts it, so runs made before and after a new setting was added still group together."""
+    flat = _flatten(config)
+    for key, value in _DEFAULTS.items():
+        flat.setdefault(key, value)
+    return {k: v for k, v in flat.items() if k not in SEED_KEYS}
 
 
 def _setting_key(run: RunSummary) -> str:
