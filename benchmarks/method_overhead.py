@@ -28,11 +28,23 @@ from retain.methods.registry import available  # noqa: E402
 
 
 def step_seconds(
-    model: str, method: str, task: int, steps: int, warm_steps: int, folder: str, params: dict | None = None
+    model: str,
+    method: str,
+    task: int,
+    steps: int,
+    warm_steps: int,
+    folder: str,
+    params: dict | None = None,
+    finetuning_type: str = "lora",
 ) -> float:
     """Mean seconds per optimizer step of `method` while training task `task`."""
     raw = {
-        "model": {"name_or_path": model, "lora_rank": 8, "lora_alpha": 16},
+        "model": {
+            "name_or_path": model,
+            "finetuning_type": finetuning_type,
+            "lora_rank": 8,
+            "lora_alpha": 16,
+        },
         "stream": {
             "train_size": 8 * max(steps, warm_steps),
             "test_size": 4,
@@ -75,6 +87,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--output", default="method_overhead")
     parser.add_argument(
+        "--finetuning-type", default="lora", choices=["lora", "full"], help="every side, sequential included"
+    )
+    parser.add_argument(
         "--method-params",
         default="{}",
         help='JSON settings per method, e.g. \'{"lcia": {"grouping": false}}\' (DEMA on every later task)',
@@ -97,12 +112,16 @@ def main() -> None:
                     args.warm_steps,
                     os.path.join(folder, str(round_index)),
                     settings.get(method),
+                    args.finetuning_type,
                 )
                 times[method].append(seconds)
                 print(f"  round {round_index + 1} {method:12s} {seconds:.3f} s/step", flush=True)
     base = median(times["sequential"])
     rows = {m: {"seconds_per_step": median(t), "ratio": median(t) / base} for m, t in times.items()}
-    print(f"\nper-step time at task {args.task} vs sequential ({args.model}, batch 8, {args.steps} steps)")
+    print(
+        f"\nper-step time at task {args.task} vs sequential ({args.model}, {args.finetuning_type}, batch 8, "
+        f"{args.steps} steps)"
+    )
     print_table(
         [("method", "s/step", "ratio vs sequential")]
         + [(m, f"{r['seconds_per_step']:.3f}", f"{r['ratio']:.2f}") for m, r in rows.items()]
@@ -111,6 +130,7 @@ def main() -> None:
         args.output,
         {
             "model": args.model,
+            "finetuning_type": args.finetuning_type,
             "task": args.task,
             "steps": args.steps,
             "methods": rows,
