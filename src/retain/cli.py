@@ -398,7 +398,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     summary = os.path.join(plan.parent, "summary.md")
     with open(summary, encoding="utf-8") as handle:
         print(handle.read(), end="")
-    print(f"summary: {summary} (and summary.json)")
+    print(f"summary: {summary} (and summary.json, summary.html)")
     # Failed runs are in the summary; a non-zero code tells a script that some of them need another go.
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 

@@ -113,6 +113,8 @@ def test_sweep_runs_in_parallel_reports_a_failure_and_resumes(tmp_path, monkeypa
     markdown = (parent / "summary.md").read_text()
     assert "2 ran now, 0 finished before, 2 failed" in markdown
     assert "### lwf-bad/seed3 (exit code 2)" in markdown
+    page = (parent / "summary.html").read_text()
+    assert "retain compare: 2 run(s), 1 setting(s)" in page and "sequential/seed3/report.html" in page
 
     def no_process(*args, **kwargs):
         raise AssertionError("a finished run was started again")

@@ -7,6 +7,7 @@ Every combination is a normal run directory, run by `retain run` in its own proc
   <method>/<order>/seed<k>/     one run directory (no <order>/ level when no orders are swept)
   <method>/<order>/seed<k>.log  that run's output
   summary.md, summary.json      the groups (mean ± std, 95% interval per metric), overlap notes, failures
+  summary.html                  the same groups as retain compare's page (scatter, matrices, run links)
 
 What to sweep comes from the command line or from a `sweep:` section of the config (the command line
 wins):
@@ -51,6 +52,7 @@ from retain.evaluation.compare import (
     load_runs,
     overlap_notes,
 )
+from retain.evaluation.html_compare import render_compare_html
 from retain.io import write_json_atomic, write_text_atomic
 from retain.methods.registry import get_method_class
 
@@ -398,11 +400,15 @@ def summary_markdown(plan: SweepPlan, outcomes: list[Outcome], groups: list[Grou
 
 
 def write_summary(plan: SweepPlan, outcomes: list[Outcome], sort: str = "last") -> tuple[str, str]:
-    """Write <parent>/summary.md and summary.json; returns their paths."""
+    """Write <parent>/summary.md, summary.json and summary.html (retain compare's page of the finished
+    runs, linking each run's report.html); returns the first two paths."""
     md, js = os.path.join(plan.parent, "summary.md"), os.path.join(plan.parent, "summary.json")
     groups = summary_groups(outcomes)
     write_text_atomic(md, summary_markdown(plan, outcomes, groups, sort))
     write_json_atomic(js, summary_data(plan, outcomes, groups, sort))
+    if groups:
+        page = render_compare_html(groups, sort, base=plan.parent)
+        write_text_atomic(os.path.join(plan.parent, "summary.html"), page)
     return md, js
 
 
