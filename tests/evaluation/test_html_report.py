@@ -178,3 +178,23 @@ def test_compare_page(tmp_path):
     assert [pytest.approx(row) for row in [[0.1, 0.2], [0.7, 0.4], [0.5, 0.8]]] == mean_matrix(groups[0])
     out = write_compare_html(runs, tmp_path / "compare.html")
     assert "retain compare: 3 run(s), 2 setting(s)" in out.read_text()
+
+
+def test_the_general_section_shows_the_eval_only_matrix_and_its_drops(tmp_path):
+    from retain.evaluation.metrics import general_retention
+
+    general_matrix = [[0.5, 0.25], [0.4, 0.25], [0.25, 0.5]]
+    extra = {
+        "general": {
+            "tasks": ["instruct", "parity"],
+            "matrix": general_matrix,
+            "metrics": general_retention(general_matrix, ["instruct", "parity"]),
+        }
+    }
+    results = build_results(["a", "b"], [[0.0, 0.0], [1.0, 0.0], [0.5, 1.0]], "ewc", {}, extra=extra)
+    html = render_report_html(results)
+    assert '<section id="general">' in html and 'href="#general"' in html
+    retention = html.split('id="general-retention"', 1)[1].split("</table>", 1)[0]
+    # instruct: 50.0 before, 25.0 last, a drop of +25.0; parity gained 25 points (-25.0).
+    assert "instruct" in retention and "+25.0" in retention and "-25.0" in retention
+    assert '<section id="general">' not in render_report_html(build_results(["a"], [[0.0], [1.0]], "ewc", {}))

@@ -19,7 +19,14 @@ from pathlib import Path
 
 from retain.evaluation import svg
 from retain.evaluation.html_page import display, json_script, key_value_table, page, table
-from retain.evaluation.labels import METRIC_LABELS, metric_definition, metric_value, row_labels
+from retain.evaluation.labels import (
+    METRIC_LABELS,
+    metric_definition,
+    metric_value,
+    percent,
+    row_labels,
+    signed_percent,
+)
 from retain.evaluation.metrics import METRIC_NAMES
 from retain.evaluation.run_contents import (
     config_text,
@@ -71,6 +78,42 @@ def _matrix_section(results: dict) -> str:
         "scored on task j. Cells in percent.</p>"
     )
     return _section("matrix", "Accuracy matrix", chart + note)
+
+
+def _general_section(results: dict) -> str:
+    """The eval-only tasks (stream.eval_only): their matrix and their retention, apart from the stream's."""
+    general = results.get("general")
+    if not general or not general.get("tasks"):
+        return ""
+    chart = svg.heatmap(
+        row_labels(results), general["tasks"], general["matrix"], title="General ability, never trained (%)"
+    )
+    metrics = general.get("metrics") or {}
+    per_task = metrics.get("tasks") or {}
+    rows = [
+        (
+            name,
+            percent(m.get("before")),
+            percent(m.get("last")),
+            signed_percent(m.get("drop")),
+            signed_percent(m.get("max_drop")),
+        )
+        for name, m in [
+            ("mean", metrics.get("mean") or {}),
+            *((t, per_task.get(t) or {}) for t in general["tasks"]),
+        ]
+    ]
+    retention = table(
+        ("task", "before", "last", "drop (before - last)", "max drop (before - worst)"),
+        rows,
+        numeric=(1, 2, 3, 4),
+        element_id="general-retention",
+    )
+    note = (
+        '<p class="note">Tasks scored in every row but never trained. Drops are positive when ability was '
+        "lost; they are kept apart from Last, Avg and BWT, which describe the stream's own tasks.</p>"
+    )
+    return _section("general", "General ability", chart + retention + note)
 
 
 def _curves_section(results: dict) -> str:
@@ -374,6 +417,7 @@ def render_report_html(results: dict, run_dir: str | os.PathLike | None = None) 
     model = f" on {results['model']}" if results.get("model") else ""
     sections = [
         _matrix_section(results),
+        _general_section(results),
         _curves_section(results),
         _metrics_section(results),
         _loss_section(loss_curves(read_train_logs(folder)) if folder else loss_curves([])),
@@ -385,6 +429,7 @@ def render_report_html(results: dict, run_dir: str | os.PathLike | None = None) 
         f'<a href="#{a}">{t}</a>'
         for a, t in (
             ("matrix", "Matrix"),
+            *((("general", "General"),) if results.get("general") else ()),
             ("curves", "Curves"),
             ("metrics", "Metrics"),
             ("loss", "Loss"),
