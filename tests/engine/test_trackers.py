@@ -70,6 +70,22 @@ def test_tensorboard_holds_method_losses_rows_and_metrics_on_one_step_axis(tmp_p
 
 
 @installed("tensorboard")
+def test_the_eval_only_tasks_rows_are_logged_apart_from_the_stream_s(tmp_path):
+    raw = tiny_config(
+        tmp_path,
+        "sequential",
+        train={"report_to": "tensorboard"},
+        stream={"eval_only": [{"test": "synthetic:max_number", "test_size": 4}]},
+    )
+    results = run_experiment(config_from_dict(raw))
+    logged = scalars(raw["output_dir"])
+    got = logged["general/max_number"]
+    assert [s for s, _ in got] == [0, STEPS, 2 * STEPS]
+    assert [v for _, v in got] == pytest.approx([row[0] for row in results["general"]["matrix"]])
+    assert "eval/max_number" not in logged
+
+
+@installed("tensorboard")
 def test_a_run_killed_inside_a_task_resumes_on_the_same_steps(tmp_path, monkeypatch):
     """Killed after task 2's steps were logged but before its checkpoint: the resumed run retrains task 2
     at the same global steps, and TensorBoard shows each step once, with the uninterrupted run's values."""

@@ -199,8 +199,8 @@ class Experiment:
             all_processes=True,
             tasks=tasks,
         )
-        if self.is_main and not general:
-            self.tracking.row(row, [task.name for task in self.plan.tasks], scores)
+        if self.is_main:
+            self.tracking.row(row, [task.name for task in tasks], scores, general=general)
         self.processes.wait_for_everyone()
         return scores
 
@@ -320,10 +320,9 @@ def _train_and_evaluate(
         state.set_row(0, experiment.evaluate(0))
         timings["eval_s/0"] = round(time.perf_counter() - start, 3)
         experiment.save_state(state)
-        if experiment.is_main:  # report.html fills in as the run goes, row by row
-            write_html_report(experiment.run_dir.path, _results(plan, state))
     if evaluate and config.eval.before_training:
         _evaluate_general(experiment, state, 0)
+        _write_page(experiment, state)
     units = plan.train_units if train else plan.train_units[: state.trained]
     for index in range(1, len(units) + 1):
         if index > state.trained:
@@ -338,10 +337,9 @@ def _train_and_evaluate(
             state.set_row(index, experiment.evaluate(index))
             timings[f"eval_s/{index}"] = round(time.perf_counter() - start, 3)
             experiment.save_state(state)
-            if experiment.is_main:
-                write_html_report(experiment.run_dir.path, _results(plan, state))
         if evaluate:
             _evaluate_general(experiment, state, index)
+            _write_page(experiment, state)
     timings["last_session_s"] = round(time.perf_counter() - wall, 3)
     experiment.restore(len(units))
     state.adapters = adapter_names(experiment.model)
@@ -359,6 +357,12 @@ def _train_and_evaluate(
 def _eval_mode(config: RunConfig, task: Task) -> str:
     """How `task` is scored: "rank" (its label set ranked by log-likelihood) or "generate"."""
     return "rank" if config.eval.mode == "rank" and task.labels else "generate"
+
+
+def _write_page(experiment: Experiment, state: RunState) -> None:
+    """report.html as the run stands (it fills in as the run goes, row by row, eval-only rows included)."""
+    if experiment.is_main:
+        write_html_report(experiment.run_dir.path, _results(experiment.plan, state))
 
 
 def _evaluate_general(experiment: Experiment, state: RunState, row: int) -> None:

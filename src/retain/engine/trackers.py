@@ -223,12 +223,14 @@ class Tracking:
             self.log(after, self.ends[index])
         self.flush()
 
-    def row(self, row: int, tasks: list[str], scores: list[float] | None) -> None:
-        """Row `row` of the accuracy matrix, at the step where unit `row` ended."""
+    def row(self, row: int, tasks: list[str], scores: list[float] | None, general: bool = False) -> None:
+        """Row `row` of the accuracy matrix (`eval/<task>`), or with `general` of the eval-only tasks'
+        matrix (`general/<task>`), at the step where unit `row` ended."""
         if scores is None or not self.active:
             return
-        values = {f"eval/{task}": float(score) for task, score in zip(tasks, scores, strict=True)}
-        self.log({**values, "eval/row": float(row)}, self.ends[row])
+        prefix = "general" if general else "eval"
+        values = {f"{prefix}/{task}": float(score) for task, score in zip(tasks, scores, strict=True)}
+        self.log({**values, f"{prefix}/row": float(row)}, self.ends[row])
         self.flush()
 
     def metrics(self, metrics: dict[str, float | None]) -> None:
