@@ -134,9 +134,9 @@ def set_gradient(ctx, loss_fn) -> list:
     return params
 
 
-def train_one_task(ctx, tasks, method, folder, examples=None, **arguments):
+def train_one_task(ctx, tasks, method, folder, examples=None, progress_label: str = "", **arguments):
     """Run a ContinualTrainer with `method` on `examples` (default: the first task's training set);
-    `arguments` override TrainingArguments."""
+    `arguments` override TrainingArguments; `progress_label` names the task on the progress bar."""
     from transformers import TrainingArguments
 
     from retain.data.batching import FeatureDataset
@@ -158,6 +158,7 @@ def train_one_task(ctx, tasks, method, folder, examples=None, **arguments):
         data_collator=ctx.collate,
         method=method,
         ctx=ctx,
+        **({"progress_label": progress_label} if progress_label else {}),
     )
     trainer.train()
     return trainer

@@ -16,7 +16,6 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from retain.config import config_from_dict
-from retain.data.batching import FeatureDataset
 from retain.engine import trackers
 from retain.engine.loop import run_experiment, training_arguments
 from retain.engine.plan import make_plan
@@ -25,7 +24,7 @@ from retain.engine.trainer import ContinualTrainer
 from retain.errors import RetainError
 from retain.methods.registry import create_method
 from retain.runtime import batch_layout
-from tests.helpers import crash_then_resume, tiny_config, tiny_context
+from tests.helpers import crash_then_resume, tiny_config, tiny_context, train_one_task
 
 TASKS = ["parity", "capital_letters"]
 STEPS = 6  # tiny_config: max_steps per task, logging every 2 steps
@@ -217,23 +216,15 @@ def test_warmup_steps_and_optim_reach_the_trainer(tmp_path):
 
 def test_the_progress_bar_names_the_task(tmp_path, capsys):
     ctx, tasks = tiny_context(tmp_path)
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
+    train_one_task(
+        ctx,
+        tasks,
+        create_method("sequential", {}),
+        tmp_path / "out",
+        examples=tasks[0].train[:8],
+        progress_label="task 2/3 parity",
         per_device_train_batch_size=4,
         max_steps=2,
-        report_to=[],
-        use_cpu=True,
-        remove_unused_columns=False,
-        save_strategy="no",
         disable_tqdm=False,
     )
-    ContinualTrainer(
-        model=ctx.model,
-        args=args,
-        train_dataset=FeatureDataset(ctx.encode(tasks[0].train[:8])),
-        data_collator=ctx.collate,
-        method=create_method("sequential", {}),
-        ctx=ctx,
-        progress_label="task 2/3 parity",
-    ).train()
     assert "task 2/3 parity" in capsys.readouterr().err
