@@ -56,6 +56,29 @@ def test_eval_overrides_write_a_new_row_set_and_leave_the_recorded_one(tmp_path,
     )
 
 
+def test_eval_overrides_rescore_the_eval_only_tasks_too(tmp_path, capsys):
+    stream = {"tasks": ["synthetic:parity", "synthetic:reverse"], "eval_only": ["synthetic:arithmetic"]}
+    raw = tiny_config(tmp_path, eval={"max_new_tokens": 6}, stream=stream)
+    recorded = run_experiment(config_from_dict(raw))
+    run = raw["output_dir"]
+    proc = retain_in_process("eval", run, "eval.max_new_tokens=1", capsys=capsys)
+    assert proc.returncode == 0, proc.stderr
+    out = os.path.join(run, "evals", "max_new_tokens=1")
+    results = json.loads(open(os.path.join(out, "results.json")).read())
+    general = results["general"]
+    assert general["tasks"] == ["arithmetic"] and len(general["matrix"]) == 3
+    assert all(row is not None and len(row) == 1 for row in general["matrix"])
+    assert set(general["metrics"]) == set(recorded["general"]["metrics"])
+    for row in range(3):
+        short = _predictions(os.path.join(out, "eval", str(row), "general", "arithmetic.jsonl"))
+        full = _predictions(os.path.join(run, "eval", str(row), "general", "arithmetic.jsonl"))
+        assert len(short) == len(full)
+        assert all(f.startswith(s.strip()) for s, f in zip(short, full, strict=True))
+    # The stream's own columns stay the stream's.
+    assert results["tasks"] == ["parity", "reverse"]
+    assert not os.path.exists(os.path.join(out, "eval", "1", "arithmetic.jsonl"))
+
+
 def test_eval_refuses_overrides_of_training_settings(tmp_path, capsys):
     raw = tiny_config(tmp_path, train={"max_steps": 1}, stream={"tasks": ["synthetic:parity"]})
     run_experiment(config_from_dict(raw))

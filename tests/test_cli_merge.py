@@ -18,20 +18,22 @@ from retain.models.tiny import tiny_model, tiny_tokenizer
 from .helpers import tiny_config
 
 THREE_TASKS = ["synthetic:parity", "synthetic:capital_letters", "synthetic:max_number"]
+# Eval-only tasks ride along, so the post-hoc edits are checked to score them as the run did.
+STREAM = {"tasks": THREE_TASKS, "eval_only": ["synthetic:reverse"]}
 
 
 @pytest.fixture(scope="module")
 def merge_run(tmp_path_factory):
     """A 3-task run of the merge method (task arithmetic), with its results."""
     tmp = tmp_path_factory.mktemp("merge_run")
-    raw = tiny_config(tmp, "merge", {"how": "task_arithmetic"}, stream={"tasks": THREE_TASKS})
+    raw = tiny_config(tmp, "merge", {"how": "task_arithmetic"}, stream=STREAM)
     return raw["output_dir"], run_experiment(config_from_dict(raw))
 
 
 @pytest.fixture(scope="module")
 def sequential_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sequential_run")
-    raw = tiny_config(tmp, "sequential", stream={"tasks": THREE_TASKS})
+    raw = tiny_config(tmp, "sequential", stream=STREAM)
     return raw["output_dir"], run_experiment(config_from_dict(raw))
 
 
@@ -57,6 +59,10 @@ def test_merging_with_the_run_s_own_settings_reproduces_its_last_row(merge_run):
         assert predictions(os.path.join(out, "eval"), task) == predictions(
             os.path.join(run_dir, "eval", "3"), task
         )
+    assert merged["general_scores"] == {"reverse": pytest.approx(results["general"]["matrix"][3][0])}
+    assert predictions(os.path.join(out, "eval", "general"), "reverse") == predictions(
+        os.path.join(run_dir, "eval", "3", "general"), "reverse"
+    )
 
 
 def test_the_merged_adapter_loads_with_peft_and_holds_the_ties_merge(merge_run):
@@ -113,6 +119,10 @@ def test_lines_with_alpha_1_and_beta_0_is_the_run_itself(sequential_run):
         for task in edited["tasks"]:
             got = predictions(os.path.join(run_dir, "lines", "identity", "eval", str(row)), task)
             assert got == predictions(os.path.join(run_dir, "eval", str(row)), task)
+    for got, want in zip(edited["general"]["matrix"], results["general"]["matrix"], strict=True):
+        assert got == pytest.approx(want)
+    got = predictions(os.path.join(run_dir, "lines", "identity", "eval", "3", "general"), "reverse")
+    assert got == predictions(os.path.join(run_dir, "eval", "3", "general"), "reverse")
 
 
 def test_lines_changes_what_the_model_answers(sequential_run):

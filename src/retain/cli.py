@@ -248,10 +248,14 @@ def _eval_with_overrides(args: argparse.Namespace) -> int:
     tasks = [t.name for t in experiment.plan.tasks]
     first = 0 if config.eval.before_training else 1
     matrix: list[list[float] | None] = [None] * (state.trained + 1)
+    general: list[list[float] | None] = [None] * (state.trained + 1)
     _replace_folder(out)
     for row in range(first, state.trained + 1):
         experiment.restore(row)
-        matrix[row] = _evaluate_into(experiment, experiment.method, row, os.path.join(out, "eval", str(row)))
+        row_dir = os.path.join(out, "eval", str(row))
+        matrix[row] = _evaluate_into(experiment, experiment.method, row, row_dir)
+        if experiment.plan.eval_only:
+            general[row] = _evaluate_into(experiment, experiment.method, row, row_dir, general=True)
     results = build_results(
         tasks,
         matrix,
@@ -261,6 +265,7 @@ def _eval_with_overrides(args: argparse.Namespace) -> int:
             "eval": config_to_dict(config)["eval"],
             "overrides": list(args.overrides),
             "run_dir": folder.path,
+            **_general_results(experiment, general),
         },
         joint=experiment.plan.joint,
     )
@@ -421,15 +426,30 @@ def _experiment(config, folder):
     return Experiment(plan, folder)
 
 
-def _evaluate_into(experiment, method, row: int, out_dir: str) -> list[float]:
-    """One row of scores on every task of the run, with its evaluation settings; predictions in out_dir."""
+def _evaluate_into(experiment, method, row: int, out_dir: str, general: bool = False) -> list[float]:
+    """One row of scores on every task of the run, with its evaluation settings; predictions in out_dir.
+    With `general`, the run's eval-only tasks (stream.eval_only) instead, into out_dir/general/ as the run
+    itself lays them out."""
     from retain.engine.evaluate import evaluate_row
 
     config = experiment.config
-    files = [os.path.join(out_dir, f"{task.name}.jsonl") for task in experiment.plan.tasks]
+    tasks = experiment.plan.eval_only if general else experiment.plan.tasks
+    folder = os.path.join(out_dir, "general") if general else out_dir
+    files = [os.path.join(folder, f"{task.name}.jsonl") for task in tasks]
     return evaluate_row(
-        method, experiment.ctx, row, files, config.eval.max_new_tokens, config.eval.batch_size
+        method, experiment.ctx, row, files, config.eval.max_new_tokens, config.eval.batch_size, tasks=tasks
     )
+
+
+def _general_results(experiment, matrix: list[list[float] | None]) -> dict:
+    """results.json's `general` section (eval-only tasks: their matrix and retention metrics), or {} when
+    the run has no eval-only tasks."""
+    from retain.evaluation.metrics import general_retention
+
+    if not experiment.plan.eval_only:
+        return {}
+    names = [t.name for t in experiment.plan.eval_only]
+    return {"general": {"tasks": names, "matrix": matrix, "metrics": general_retention(matrix, names)}}
 
 
 def _replace_folder(path: str) -> None:
@@ -523,6 +543,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     _replace_folder(out)
     save_adapter(experiment.model, MERGED, os.path.join(out, "adapter"))
     scores = _evaluate_into(experiment, ContinualMethod(), last, os.path.join(out, "eval"))
+    general_names = [t.name for t in experiment.plan.eval_only]
+    general = (
+        _evaluate_into(experiment, ContinualMethod(), last, os.path.join(out, "eval"), general=True)
+        if general_names
+        else []
+    )
     tasks = [t.name for t in experiment.plan.tasks]
     run_row = state.rows.get(str(last))
     result = {
@@ -536,6 +562,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
         "average": sum(scores) / len(scores),
         "run_last_row": run_row,
     }
+    if general_names:
+        result["general_scores"] = dict(zip(general_names, general, strict=True))
+        result["run_general_last_row"] = state.general_rows.get(str(last))
     write_json_atomic(os.path.join(out, "results.json"), result)
     _print_scores(
         f"{args.how} merge of {len(names)} task vectors ({source})",
@@ -568,6 +597,7 @@ def cmd_lines(args: argparse.Namespace) -> int:
     out = os.path.join(folder.path, "lines", args.name or f"alpha{args.alpha:g}-beta{beta:g}")
     _replace_folder(out)
     matrix: list[list[float] | None] = [state.rows.get("0")] + [None] * last
+    general: list[list[float] | None] = [state.general_rows.get("0")] + [None] * last
     for k in rows:
         experiment.restore(k)
         adapters = adapter_names(experiment.model)
@@ -576,7 +606,10 @@ def cmd_lines(args: argparse.Namespace) -> int:
         else:
             lines_scale_full(experiment.model, base, args.alpha, beta)
         experiment.method.restore(experiment.ctx)  # re-apply the method's adapter activity after the edit
-        matrix[k] = _evaluate_into(experiment, experiment.method, k, os.path.join(out, "eval", str(k)))
+        row_dir = os.path.join(out, "eval", str(k))
+        matrix[k] = _evaluate_into(experiment, experiment.method, k, row_dir)
+        if experiment.plan.eval_only:
+            general[k] = _evaluate_into(experiment, experiment.method, k, row_dir, general=True)
         if k == last:
             target = os.path.join(out, "model" if not adapters else "adapter")
             if adapters and len(adapters) == 1:
@@ -596,6 +629,7 @@ def cmd_lines(args: argparse.Namespace) -> int:
         "metrics": metrics,
         "run_matrix": run_matrix,
         "run_metrics": compute_metrics(run_matrix) if all(r is not None for r in run_matrix[1:]) else {},
+        **_general_results(experiment, general),
     }
     write_json_atomic(os.path.join(out, "results.json"), result)
     _print_scores(
