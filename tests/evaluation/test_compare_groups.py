@@ -138,3 +138,16 @@ def test_a_setting_missing_from_an_older_config_counts_at_its_default(tmp_path):
             yaml.safe_dump(config, handle)
     groups = group_runs(load_runs([old, new, other]))
     assert sorted(g.n for g in groups) == [1, 2]
+
+
+def test_many_overlapping_pairs_are_counted_and_the_apart_ones_named(tmp_path):
+    dirs = []
+    for method in ["a", "b", "c", "d", "e"]:
+        dirs += [fake_run(tmp_path, f"{method}{i}", 0.5 + 0.1 * i, method=method, seed=i) for i in range(3)]
+    dirs += [fake_run(tmp_path, f"top{i}", v, method="top", seed=i) for i, v in enumerate([0.99, 0.995, 1.0])]
+    groups = sort_groups(group_runs(load_runs(dirs)), "last")
+    notes = overlap_notes(groups, "last")
+    # The five wide groups overlap each other (10 pairs); "top" is apart from all of them.
+    assert notes[0] == "10 of 15 pairs: intervals overlap; those differences are within seed noise"
+    assert notes[-1].startswith("intervals apart (the difference exceeds seed noise): top vs ")
+    assert notes[-1].count(" vs ") == 5 and len(notes) == 2
