@@ -1,12 +1,18 @@
-"""The comparison study: every registered method on the same slice of real data, then one table.
+"""The comparison study: every method x 3 seeds on the same slice of real data, then one table.
 
-Each method runs `retain run CONFIG method.name=<m> <settings> output_dir=<out>/<m>` in its own process
-(a finished run is skipped, an interrupted one resumes), then `retain compare` builds the table from the
-run directories and `benchmarks/RESULTS.md` is written with the exact command, the settings and the
-table. Nothing in the table is typed by hand.
+The study is the `sweep:` section of examples/study_lnt.yaml, run by `retain sweep` (each run in its own
+process; a finished run is skipped, an interrupted one resumes). This script adds two things around it:
+
+- `--keep DIR` (default benchmarks/study_lnt/): each finished run's results.json and config.yaml are
+  copied there, and copied back into the sweep's folder before it starts, so a study that takes longer
+  than one machine session goes on where it stopped (the run folders themselves hold checkpoints and
+  are not kept). The kept files are the data behind RESULTS.md.
+- `benchmarks/RESULTS.md` is written from the kept runs: the groups' table (mean ± std and the 95%
+  Student-t interval per metric), which method differences exceed their intervals, the per-method
+  settings and the exact commands. Nothing in it is typed by hand.
 
     .venv/bin/python benchmarks/study.py --benchmark-dir ../shared/data/easycl_benchmarks/benchmark
-    .venv/bin/python benchmarks/study.py --methods sequential replay ewc --results /tmp/RESULTS.md
+    .venv/bin/python benchmarks/study.py --report-only         # RESULTS.md from the kept runs
 """
 
 from __future__ import annotations
@@ -15,9 +21,8 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
+import shutil
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -25,42 +30,147 @@ sys.path.insert(0, HERE)
 
 from _common import machine  # noqa: E402
 
-from retain.evaluation.compare import compare_markdown  # noqa: E402
-from retain.methods.registry import available  # noqa: E402
+from retain.engine.sweep import plan_sweep, read_sweep, run_sweep  # noqa: E402
+from retain.evaluation.compare import (  # noqa: E402
+    COLUMNS,
+    group_runs,
+    groups_markdown,
+    interval_pairs,
+    load_runs,
+    sort_groups,
+)
 
-# Settings that keep every rehearsal method at the same memory budget as `replay` (20% of a task's 112
-# training examples) and the generation-based ones within minutes on a CPU; everything else is default.
-SETTINGS = {
-    "replay": ["method.memory_size=24"],
-    "gem": ["method.memory_size=24"],
-    "agem": ["method.memory_size=24"],
-    "lamol": ["method.memory_per_task=24"],
-    "ssr": ["method.candidates_per_task=48", "method.memory_per_task=24", "method.n_clusters=8"],
-    "pseudo_replay": ["method.memory_per_task=24"],
-    "conpet": ["method.memory_per_task=24"],
-    "abscl": ["method.memory_size=24"],
-    "ilora": ["method.buffer_size=96"],
-    "gere": ["method.num_samples=112"],
-}
+KEPT_FILES = ("results.json", "config.yaml")
+# The metrics whose interval comparisons RESULTS.md spells out.
+NOTED_METRICS = ("last", "bwt")
 
 
-def run_method(config: str, method: str, out: str, extra: list[str]) -> tuple[list[str], float, int]:
-    """Run one method (resuming if it was interrupted); return its command, seconds and exit code."""
-    command = [
-        os.path.join(os.path.dirname(sys.executable), "retain"),
-        "run",
-        config,
-        f"method.name={method}",
-        *SETTINGS.get(method, []),
-        *extra,
-        f"output_dir={os.path.join(out, method)}",
+def kept_dir(keep: str, parent: str, run_dir: str) -> str:
+    return os.path.join(keep, os.path.relpath(run_dir, parent))
+
+
+def restore_kept(plan, keep: str) -> int:
+    """Copy kept results back into run folders that lack them (so the sweep skips those runs)."""
+    restored = 0
+    for run in plan.runs:
+        source = kept_dir(keep, plan.parent, run.output_dir)
+        if os.path.isfile(os.path.join(source, "results.json")) and not os.path.isfile(
+            os.path.join(run.output_dir, "results.json")
+        ):
+            os.makedirs(run.output_dir, exist_ok=True)
+            for name in KEPT_FILES:
+                shutil.copy2(os.path.join(source, name), os.path.join(run.output_dir, name))
+            restored += 1
+    return restored
+
+
+def keep_finished(plan, keep: str) -> list[str]:
+    """Copy each finished run's KEPT_FILES into `keep`; returns the kept run folders, in plan order."""
+    kept = []
+    for run in plan.runs:
+        if not os.path.isfile(os.path.join(run.output_dir, "results.json")):
+            continue
+        target = kept_dir(keep, plan.parent, run.output_dir)
+        os.makedirs(target, exist_ok=True)
+        for name in KEPT_FILES:
+            if os.path.abspath(os.path.join(run.output_dir, name)) != os.path.abspath(
+                os.path.join(target, name)
+            ):
+                shutil.copy2(os.path.join(run.output_dir, name), os.path.join(target, name))
+        kept.append(target)
+    return kept
+
+
+def apart_lines(groups, metric: str) -> list[str]:
+    """The pairs of groups whose 95% intervals for `metric` do not overlap, best group first."""
+    pairs = [(a, b) for a, b, overlap in interval_pairs(sort_groups(groups, metric), metric) if not overlap]
+    total = len(interval_pairs(groups, metric))
+    if not pairs:
+        return [f"- {metric}: no pair of the {total} has intervals apart; no difference exceeds seed noise."]
+    lines = [f"- {metric}: {len(pairs)} of {total} pairs have intervals apart:"]
+    for a, b in pairs:
+        ma, mb = a.metrics[metric], b.metrics[metric]
+        lines.append(
+            f"  - {a.name} ({100 * ma.mean:+.1f} [{100 * ma.low:+.1f}, {100 * ma.high:+.1f}]) vs {b.name} "
+            f"({100 * mb.mean:+.1f} [{100 * mb.low:+.1f}, {100 * mb.high:+.1f}])"
+        )
+    return lines
+
+
+def method_settings(plan) -> list[str]:
+    """`- name: key=value ...` for each method entry of the sweep that sets more than its name."""
+    lines = []
+    for item in read_sweep(plan.config_path)[1].get("methods", []) or []:
+        if isinstance(item, dict) and len(item) > 1:
+            settings = " ".join(f"{k}={v}" for k, v in item.items() if k not in ("name", "label"))
+            lines.append(f"- `{item['name']}`: `{settings}`")
+    return lines
+
+
+def write_results(path: str, plan, kept: list[str], args) -> str:
+    runs = load_runs(kept)
+    groups = group_runs(runs)
+    first = json.load(open(os.path.join(kept[0], "results.json"), encoding="utf-8"))
+    benchmark = first.get("benchmark", {})
+    seeds = sorted({run.seed for run in plan.runs})
+    complete = [g for g in groups if g.n == len(seeds)]
+    methods = sorted({run.method for run in plan.runs})
+    missing = sorted({run.method for run in plan.runs} - {g.method for g in groups})
+    where = machine()
+    rel = os.path.relpath
+    command = [".venv/bin/python", rel(__file__, ROOT)]
+    command += ["--benchmark-dir", args.benchmark_dir] if args.benchmark_dir else []
+    command += ["--parallel", str(args.parallel)]
+    lines = [
+        "# Comparison study: every method, 3 seeds, on a slice of real data",
+        "",
+        f"Benchmark {benchmark.get('name', '?')} ({benchmark.get('layout', '?')} layout), "
+        f"{benchmark.get('order', '?')}, tasks {' -> '.join(benchmark.get('tasks', []))}; "
+        f"{_sizes(first.get('train_sizes', {}))} training and {_sizes(first.get('test_sizes', {}))} test "
+        f"examples per task; model {first.get('model', '?')} with LoRA; evaluation: "
+        f"{_sizes(first.get('eval_mode', {}))}; seeds {', '.join(map(str, seeds))}.",
+        "",
+        f"**{len(kept)} of {len(plan.runs)} runs** are in ({len(complete)} of {len(methods)} methods "
+        f"with all {len(seeds)} seeds)." + (f" Not run yet: {', '.join(missing)}." if missing else ""),
+        "",
+        "Reproduce (finished runs are skipped, an interrupted one resumes; the kept results.json and "
+        f"config.yaml of every run are in `{rel(args.keep, ROOT)}/`):",
+        "",
+        "```sh",
+        " ".join(shlex.quote(p) for p in command),
+        "# which runs:",
+        f"retain sweep {rel(plan.config_path, ROOT)} --parallel {args.parallel} "
+        + " ".join(shlex.quote(o) for o in plan.overrides),
+        "```",
+        "",
+        "Per-method settings (the sweep section of the config; rehearsal methods at replay's memory budget, "
+        "everything else default):",
+        "",
+        *method_settings(plan),
+        "",
+        groups_markdown(groups, args.sort).rstrip("\n").replace(os.path.abspath(ROOT) + os.sep, ""),
+        "",
+        "## Which differences exceed seed noise",
+        "",
+        f"Two methods differ beyond seed noise when their 95% intervals over the {len(seeds)} seeds do not "
+        "overlap (a conservative reading: with 3 seeds the t-interval is ±4.3 standard errors wide).",
+        "",
+        *[line for metric in NOTED_METRICS for line in apart_lines(complete, metric)],
+        "",
+        "Wall time is the mean over seeds of each run's recorded model-load, training and evaluation "
+        f"seconds, on {where['cpu_count']} CPU cores (torch {where['torch']}), "
+        f"{args.parallel} run(s) at a time with {max(1, (where['cpu_count'] or 1) // args.parallel)} "
+        "thread(s) each; it includes contention from other jobs on the machine, so it does not rank methods.",
+        *(["", args.note] if args.note else []),
     ]
-    if os.path.isfile(os.path.join(out, method, "results.json")):
-        return command, 0.0, 0
-    start = time.perf_counter()
-    with open(os.path.join(out, f"{method}.log"), "w", encoding="utf-8") as log:
-        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
-    return command, time.perf_counter() - start, code
+    checks = first.get("data_checks", {})
+    if checks.get("findings") or checks.get("warnings"):
+        lines += ["", "Data checks reported by the runs (the same for every method):", ""]
+        lines += [f"- {w}" for w in checks.get("warnings", [])]
+        lines += [f"- {f['task']}: {f['message']}" for f in checks.get("findings", [])]
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return path
 
 
 def _sizes(per_task: dict) -> str:
@@ -77,78 +187,26 @@ def main() -> None:
     )
     parser.add_argument("--config", default=os.path.join(ROOT, "examples", "study_lnt.yaml"))
     parser.add_argument("--benchmark-dir", default=os.environ.get("RETAIN_BENCHMARK_DIR", ""))
-    parser.add_argument("--methods", nargs="*", help="default: every registered method")
-    parser.add_argument("--out", default=os.path.join(ROOT, "runs", "study_lnt"))
+    parser.add_argument("--parent", default=os.path.join(ROOT, "runs", "study_lnt-sweep"))
+    parser.add_argument("--keep", default=os.path.join(HERE, "study_lnt"))
+    parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
-    parser.add_argument("--sort", default="last")
+    parser.add_argument("--sort", default="last", choices=COLUMNS)
+    parser.add_argument("--report-only", action="store_true", help="write RESULTS.md from the kept runs")
     parser.add_argument("--note", default="", help="a sentence on how the runs were made (for RESULTS.md)")
-    parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = parser.parse_args()
 
-    methods = args.methods or list(available())
-    extra = ([f"benchmark_dir={args.benchmark_dir}"] if args.benchmark_dir else []) + args.overrides
-    os.makedirs(args.out, exist_ok=True)
-    done, failed = [], []
-    for method in methods:
-        command, seconds, code = run_method(args.config, method, args.out, extra)
-        status = "ok" if code == 0 else f"FAILED (exit {code}, see {args.out}/{method}.log)"
-        print(f"{method:14s} {seconds:7.0f} s  {status}", flush=True)
-        (done if code == 0 else failed).append(method)
-    run_dirs = [os.path.join(args.out, m) for m in done]
-    table = compare_markdown(run_dirs, sort=args.sort)
-    where = machine()
-    first = json.load(open(os.path.join(run_dirs[0], "results.json"), encoding="utf-8")) if run_dirs else {}
-    benchmark = first.get("benchmark", {})
-    rel = os.path.relpath
-    lines = [
-        "# Comparison study: every method on a slice of real data",
-        "",
-        f"Benchmark {benchmark.get('name', '?')} ({benchmark.get('layout', '?')} layout), "
-        f"{benchmark.get('order', '?')}, tasks {' -> '.join(benchmark.get('tasks', []))}; "
-        f"{_sizes(first.get('train_sizes', {}))} training and {_sizes(first.get('test_sizes', {}))} test "
-        f"examples per task; model {first.get('model', '?')} with LoRA; evaluation: "
-        f"{_sizes(first.get('eval_mode', {}))}.",
-        "",
-        "Reproduce (each run resumes or is skipped when its results.json exists):",
-        "",
-        "```sh",
-        " ".join(
-            shlex.quote(p)
-            for p in [".venv/bin/python", rel(__file__, ROOT), "--config", rel(args.config, ROOT)]
-            + (["--benchmark-dir", args.benchmark_dir] if args.benchmark_dir else [])
-            + ["--out", rel(args.out, ROOT), *args.overrides]
-        ),
-        "```",
-        "",
-        "which runs, per method, `retain run CONFIG method.name=<m> <settings> output_dir=<out>/<m>` "
-        "with these per-method settings (same memory budget for rehearsal methods; all else default):",
-        "",
-        *[f"- `{m}`: `{' '.join(s)}`" for m, s in SETTINGS.items() if m in methods],
-        "",
-        "and then builds the table with:",
-        "",
-        "```sh",
-        "retain compare " + " ".join(rel(d, ROOT) for d in run_dirs) + f" --sort {args.sort}",
-        "```",
-        "",
-        table.rstrip("\n"),
-        "",
-        "Wall time is the sum of each run's recorded model-load, training and evaluation seconds, on "
-        f"{where['cpu_count']} CPU cores (torch {where['torch']}, {where['torch_threads']} thread(s) per "
-        "process); it includes any contention from other jobs on the machine during the run.",
-        *(["", args.note] if args.note else []),
-    ]
-    checks = first.get("data_checks", {})
-    if checks.get("findings") or checks.get("warnings"):
-        lines += ["", "Data checks reported by the runs (the same for every method):", ""]
-        lines += [f"- {w}" for w in checks.get("warnings", [])]
-        lines += [f"- {f['task']}: {f['message']}" for f in checks.get("findings", [])]
-    if failed:
-        lines += ["", f"Failed runs (not in the table): {', '.join(failed)}."]
-    with open(args.results, "w", encoding="utf-8") as handle:
-        handle.write("\n".join(lines) + "\n")
-    print(table)
-    print(f"wrote {args.results}")
+    overrides = [f"benchmark_dir={args.benchmark_dir}"] if args.benchmark_dir else []
+    plan = plan_sweep(args.config, overrides, parent=args.parent, parallel=args.parallel)
+    restored = restore_kept(plan, args.keep)
+    if restored:
+        print(f"restored {restored} finished run(s) from {args.keep}")
+    if not args.report_only:
+        run_sweep(plan, sort=args.sort)
+    kept = keep_finished(plan, args.keep)
+    if not kept:
+        raise SystemExit(f"no finished run under {args.parent} or {args.keep}: nothing to report")
+    print(f"wrote {write_results(args.results, plan, kept, args)}")
 
 
 if __name__ == "__main__":
