@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 BROWSER := $(VENV)/.chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
 
-.PHONY: demo test install lint bench clean
+.PHONY: demo test test-matrix install lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ $(BROWSER): | $(STAMP)
 
 test: $(STAMP) $(BROWSER)
 	$(BIN)/pytest
+
+# The whole strategy x method matrix (tens of minutes of torchrun jobs on 2 cores), DeepSpeed ZeRO included:
+# `make test` runs one case of each mechanism and skips the rest (tests marked matrix).
+test-matrix: $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,trackers,deepspeed]'
+	RETAIN_TEST_MATRIX=1 $(BIN)/pytest -m distributed
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

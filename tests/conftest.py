@@ -16,6 +16,20 @@ from retain.models.tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
 from .helpers import SHARED_DATA  # noqa: E402
 
+# The full strategy x method matrix (every method under DDP, every gradient-reading method's state under
+# DDP, FSDP resume after SIGKILL, DeepSpeed ZeRO where installed) takes tens of minutes of torchrun jobs on
+# two cores; `make test` runs one case of each mechanism and `make test-matrix` runs them all.
+FULL_MATRIX = os.environ.get("RETAIN_TEST_MATRIX") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    if FULL_MATRIX:
+        return
+    skip = pytest.mark.skip(reason="part of the strategy x method matrix: run it with `make test-matrix`")
+    for item in items:
+        if "matrix" in item.keywords:
+            item.add_marker(skip)
+
 
 @pytest.fixture
 def tokenizer():

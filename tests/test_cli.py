@@ -94,6 +94,26 @@ def test_dry_run_shows_the_global_batch_for_the_launched_processes(tmp_path, mon
     assert "set train.global_batch_size" not in out
 
 
+def test_dry_run_shows_the_strategy_and_the_memory_per_process(tmp_path, monkeypatch, capsys):
+    config = write_config(tmp_path, method="lwf")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    proc = retain_in_process("run", config, "--dry-run", capsys=capsys)
+    assert proc.returncode == 0, proc.stderr
+    out = " ".join(proc.stdout.split())
+    assert "strategy DDP on 2 process(es)" in out
+    for needle in ("memory per process under DDP", "adapter (4,096 parameters)", "lwf: teacher", "total:"):
+        assert needle in out
+    refused = retain_in_process("run", config, "--dry-run", "train.fsdp=full_shard", capsys=capsys)
+    assert refused.returncode != 0 and "method 'lwf' is refused under FSDP" in refused.stderr
+
+
+def test_methods_strategies_prints_the_compatibility_table(capsys):
+    proc = retain_in_process("methods", "--strategies", capsys=capsys)
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("| method | single | DDP | FSDP | ZeRO-0")
+    assert "| `sequential` |" in proc.stdout
+
+
 def test_dry_run_of_a_combination_shows_every_component(tmp_path, capsys):
     config = write_config(tmp_path)
     proc = retain_in_process(

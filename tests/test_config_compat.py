@@ -185,7 +185,6 @@ def test_every_problem_is_named_in_one_error_with_reasons_and_close_suggestions_
     message = _refusal(
         {
             **BASE,
-            "deepspeed": "ds_z3_config.json",
             "use_dora": True,
             "val_size": 0.1,
             "pissa_init": True,
@@ -195,8 +194,7 @@ def test_every_problem_is_named_in_one_error_with_reasons_and_close_suggestions_
             "train": {"learnig_rate": 1e-4},
         }
     )
-    assert message.startswith("config: 7 keys retain cannot use")
-    assert "deepspeed: DeepSpeed" in message and "issue 16" in message
+    assert message.startswith("config: 6 keys retain cannot use")
     assert "val_size: " in message and "pissa_init: " in message and "galore_rank: GaLore" in message
     assert "unknown key 'lora_rnak' (did you mean: lora_rank?)" in message
     assert "unknown key 'trian' (did you mean: train?)" in message
@@ -404,7 +402,12 @@ REAL_WORLD = {
         2,
         "val_size: LLaMA-Factory splits",
     ),
-    "llamafactory-ds3": ("deepspeed: examples/deepspeed/ds_z3_config.json", 2, "deepspeed: DeepSpeed"),
+    # LLaMA-Factory's path is relative to its own repository: the file is looked for and named.
+    "llamafactory-ds3": (
+        "deepspeed: examples/deepspeed/ds_z3_config.json",
+        2,
+        "train.deepspeed file examples/deepspeed/ds_z3_config.json does not exist",
+    ),
     "llamafactory-qlora": ("quantization_bit: 4\nquantization_method: bnb", 2, "config: 2 keys"),
     "llamafactory-flash-fp16": ("flash_attn: sdpa\nfp16: false\ndisable_gradient_checkpointing: true", 0, ""),
     "easycl-ewc": ("use_ewc: true\newc_lambda: 10000\newc_num_samples: 100", 0, "accepted, changing nothing"),
@@ -442,3 +445,13 @@ def test_real_world_shaped_configs_dry_run(name, shared_data, tmp_path, capsys, 
     assert needle in result.stderr + result.stdout + caplog.text
     if code == 0:
         assert "dry run: nothing was trained" in result.stdout
+
+
+def test_deepspeed_and_fsdp_keys_map_to_the_strategy_settings(tmp_path):
+    ds = tmp_path / "ds_z2.json"
+    ds.write_text('{"zero_optimization": {"stage": 2}}')
+    found = compat.translate({"deepspeed": str(ds), "fsdp": ["full_shard", "auto_wrap"]})
+    assert found.entries == {"train.deepspeed": str(ds), "train.fsdp": "full_shard auto_wrap"}
+    refused = compat.translate({"fsdp_config": {"min_num_params": 0}})
+    want = "fsdp_config: give the path of a JSON or YAML file (an inline mapping is not read)"
+    assert refused.refused == [want]

@@ -114,6 +114,7 @@ def print_plan(plan) -> None:
         f"{c.name} {c.config}" if c.config is not None else c.name for c in plan.method.components
     )
     console.print(f"[bold]method[/bold] {settings}")
+    console.print(f"[bold]strategy[/bold] {plan.strategy.describe()}")
     console.print(f"[bold]batch[/bold] {plan.batch.describe()}")
     if plan.batch.processes > 1 and config.train.global_batch_size is None:
         console.print(
@@ -160,6 +161,12 @@ def print_plan(plan) -> None:
     for task in plan.tasks + plan.eval_only:
         for finding in task.hygiene:
             console.print(f"[yellow]data check[/yellow] {task.name}: {finding.message}")
+    memory = plan.memory()
+    if memory is None:
+        console.print("[bold]memory[/bold] not estimated: the built-in model is converted on its first run")
+    else:
+        for line in memory.describe():
+            console.print(line, markup=False, highlight=False)
     out = os.path.abspath(config.output_dir)
     console.print(
         f"[bold]output[/bold] {out}/ (config.yaml, state.json, tasks/<k>-<task>/, eval/<k>/<task>.jsonl, "
@@ -300,6 +307,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from retain.methods.registry import available, describe
+
+    if args.strategies:
+        from retain.methods.compat import table_markdown
+
+        print(table_markdown(), end="")
+        return 0
 
     table = Table(title="continual-learning methods")
     table.add_column("method", style="bold")
@@ -716,6 +729,11 @@ def build_parser() -> argparse.ArgumentParser:
     config.set_defaults(func=cmd_config)
 
     methods = sub.add_parser("methods", help="list the methods and their hyper-parameters")
+    methods.add_argument(
+        "--strategies",
+        action="store_true",
+        help="print the methods x strategies table instead (single, DDP, FSDP, ZeRO-0..3, offload)",
+    )
     methods.set_defaults(func=cmd_methods)
 
     benchmarks = sub.add_parser("benchmarks", help="list the built-in benchmarks and which files are present")

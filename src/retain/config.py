@@ -235,6 +235,24 @@ class TrainConfig:
             "one tracker run per stream"
         },
     )
+    deepspeed: str | None = field(
+        default=None,
+        metadata={
+            "help": "a DeepSpeed JSON config (ZeRO stage 0-3, offload): train under DeepSpeed, as "
+            "LLaMA-Factory's deepspeed key (an alternative to accelerate launch --config_file)"
+        },
+    )
+    fsdp: str = field(
+        default="",
+        metadata={
+            "help": 'FSDP in TrainingArguments\' syntax, e.g. "full_shard auto_wrap" (add offload for CPU '
+            "offload); empty: off"
+        },
+    )
+    fsdp_config: str | None = field(
+        default=None,
+        metadata={"help": "a JSON or YAML file of TrainingArguments' fsdp_config (with train.fsdp)"},
+    )
 
 
 @dataclass
@@ -655,6 +673,51 @@ def report_to(train: TrainConfig) -> list[str]:
     return names
 
 
+FSDP_WORDS = (
+    "full_shard",
+    "shard_grad_op",
+    "hybrid_shard",
+    "hybrid_shard_zero2",
+    "no_shard",
+    "offload",
+    "auto_wrap",
+)
+
+
+def fsdp_words(fsdp: str) -> list[str]:
+    """`train.fsdp` ("full_shard auto_wrap", TrainingArguments' syntax) as its words; unknown words are
+    refused (TrainingArguments would refuse them only when the first task starts)."""
+    words = fsdp.split()
+    for word in words:
+        if word not in FSDP_WORDS:
+            raise RetainError(
+                f"config: train.fsdp word '{word}' is not one of TrainingArguments' fsdp options"
+                f"{did_you_mean(word, FSDP_WORDS)}; use {', '.join(FSDP_WORDS)} (space-separated, e.g. "
+                '"full_shard auto_wrap")'
+            )
+    return words
+
+
+def _strategy_settings(train: TrainConfig) -> None:
+    """train.deepspeed, train.fsdp, train.fsdp_config: one strategy, and files that exist (their contents
+    are read by retain.runtime.resolve_strategy and the Trainer)."""
+    words = fsdp_words(train.fsdp)
+    if train.deepspeed and words:
+        raise RetainError("config: set train.deepspeed or train.fsdp, not both (one strategy per run)")
+    if train.fsdp_config and not words:
+        raise RetainError(
+            'config: train.fsdp_config is set but train.fsdp is empty; set train.fsdp (e.g. "full_shard '
+            'auto_wrap") or remove fsdp_config'
+        )
+    for key in ("deepspeed", "fsdp_config"):
+        path = getattr(train, key)
+        if path and not os.path.isfile(path):
+            raise RetainError(
+                f"config: train.{key} file {path} does not exist (relative paths resolve from the current "
+                f"directory {os.getcwd()})"
+            )
+
+
 def validate(config: RunConfig) -> None:
     """Check the values that can be checked without loading data or models."""
     _positive(config.model.lora_rank, "model.lora_rank", allow_none=False)
@@ -672,6 +735,7 @@ def validate(config: RunConfig) -> None:
     _positive(config.train.logging_steps, "train.logging_steps", allow_none=False)
     _not_negative(config.train.warmup_steps, "train.warmup_steps")
     report_to(config.train)
+    _strategy_settings(config.train)
     if config.train.max_steps == 0 or config.train.max_steps < -1:
         raise RetainError(
             f"config: train.max_steps must be a positive number of optimizer steps, or -1 to train "

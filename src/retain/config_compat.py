@@ -143,6 +143,17 @@ def _lwf_alpha(value: Any) -> dict[str, Any]:
     return {"lwf_alpha": alpha / (1 - alpha)}
 
 
+def _fsdp(value: Any) -> str:
+    """TrainingArguments' fsdp: a space-separated string, or a list of its options."""
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value or "")
+
+
+def _file_path(value: Any) -> Any:
+    if value is not None and not isinstance(value, str):
+        raise Refuse("give the path of a JSON or YAML file (an inline mapping is not read)")
+    return value
+
+
 def _replay_ratio(value: Any) -> dict[str, Any]:
     # EasyCL keeps replay_ratio of each earlier task's data; memory_size 0 makes retain use memory_ratio.
     return {"memory_ratio": float(value), "memory_size": 0}
@@ -215,6 +226,13 @@ ALIASES: list[Alias] = [
         convert=_fp16,
         tell=True,
     ),
+    Alias(
+        "deepspeed",
+        "train.deepspeed",
+        note="a DeepSpeed JSON config; the method must support its ZeRO stage (docs/compatibility.md)",
+    ),
+    Alias("fsdp", "train.fsdp", note="TrainingArguments' fsdp options (a list is joined)", convert=_fsdp),
+    Alias("fsdp_config", "train.fsdp_config", note="a file path (not an inline mapping)", convert=_file_path),
     Alias("report_to", "train.report_to", note="none, tensorboard, wandb, mlflow", convert=_names),
     Alias("per_device_eval_batch_size", "eval.batch_size", note="generation batch of the evaluation"),
     Alias("batch_size", "eval.batch_size", source=EASYCL, note="EasyCL's evaluation config"),
@@ -339,12 +357,6 @@ IGNORED: list[Ignored] = [
 
 _NOT_YET = "not supported"
 REFUSED: list[Refused] = [
-    Refused(
-        "deepspeed",
-        "DeepSpeed (and FSDP) sharding is not supported yet (issue 16); retain trains data-parallel under "
-        "torchrun with a full copy per process; remove the key",
-    ),
-    Refused("fsdp", "FSDP sharding is not supported yet (issue 16); remove the key"),
     Refused(
         "val_size",
         "LLaMA-Factory splits val_size off the training data for a validation loss; retain has none and "

@@ -30,6 +30,7 @@ def test_run_state_round_trips_through_state_json_with_its_documented_keys(tmp_p
     keys = {"tasks", "trained", "rows", "timings", "num_processes", "adapters", "retain_version"}
     keys.add("fingerprints")
     keys.add("general_rows")  # stream.eval_only's rows, apart from the matrix's
+    keys.add("strategy")  # the training strategy of the last unit, and whether it left parameters sharded
     assert set(saved) == keys
     assert saved["rows"] == {"0": [0.25, 0.5]}
     loaded = run_dir.load_state()

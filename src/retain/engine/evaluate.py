@@ -16,6 +16,11 @@ answers are gathered back into test order (`assemble`) on every process; rank 0 
 The recorded predictions are those of one process in fp32: greedy answers and label scores do not depend
 on which other prompts share a batch (left padding under an attention mask), only on the weights, which
 every process holds alike.
+
+When the parameters are sharded (FSDP, DeepSpeed ZeRO-3: `lockstep=True`), every forward pass is a
+collective, so the processes cannot answer shares of different sizes, nor stop generating at different
+steps: each process answers every prompt in the same batches (the forwards gather the shards in step),
+nothing is gathered afterwards, and rank 0 writes. The answers are one process's answers.
 """
 
 from __future__ import annotations
@@ -163,6 +168,7 @@ def evaluate_row(
     batch_size: int,
     *,
     all_processes: bool = False,
+    lockstep: bool = False,
     tasks: list | None = None,
 ) -> list[float]:
     """Score every task's test set; write one JSONL of predictions per task; return the mean scores.
@@ -174,7 +180,8 @@ def evaluate_row(
     `batch_size` is prompts per batch (per process) in both modes (rank mode scores every label of a
     batch's prompts); the model answers under bf16 autocast when the run trains in bf16 (`ctx.bf16`).
     With `all_processes`, every one of the `ctx.world_size` processes calls this for the row: each answers
-    its share of the prompts, all return the same scores, and only rank 0 writes (and shows progress).
+    its share of the prompts, all return the same scores, and only rank 0 writes (and shows progress);
+    with `lockstep` too, each answers all the prompts in the same batches (for sharded parameters).
     """
     spread = all_processes and ctx.world_size > 1
     if spread and not (dist.is_available() and dist.is_initialized()):
@@ -183,6 +190,7 @@ def evaluate_row(
             "launch with torchrun or accelerate launch, or evaluate without all_processes"
         )
     main = not spread or ctx.rank == 0
+    split = spread and not lockstep  # each process answers a share of the prompts
     scores_row = []
     autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if ctx.bf16 else contextlib.nullcontext()
     rank_mode = ctx.config.eval.mode == "rank"
@@ -196,10 +204,10 @@ def evaluate_row(
         # The prompts (images deferred): generation answers them, and the shares are cut by their lengths.
         inputs = (
             [encode_prompt_inputs(ctx.tokenizer, e, ctx.processor, defer_images=True) for e in task.test]
-            if spread or not labels
+            if split or not labels
             else []
         )
-        lengths = [len(item["input_ids"]) for item in inputs] if spread else None
+        lengths = [len(item["input_ids"]) for item in inputs] if split else None
         with autocast:
             if labels:
                 answer = _ranked(ctx, task, labels, row, batch_size, main)
@@ -208,7 +216,7 @@ def evaluate_row(
                     ctx, task, inputs, row, main, max_new_tokens=max_new_tokens, batch_size=batch_size
                 )
             pairs = _answered(method, ctx, task, routes, answer, lengths)
-        answers = _gathered(pairs, len(task.test), ctx.world_size if spread else None)
+        answers = _gathered(pairs, len(task.test), ctx.world_size if split else None)
         label_scores: list[list[float]] | None = None
         if labels:
             predictions = [label for label, _ in answers]

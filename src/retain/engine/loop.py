@@ -15,7 +15,6 @@ import logging
 import os
 import time
 
-import torch
 from transformers import TrainingArguments, set_seed
 
 from retain.config import RunConfig, report_to
@@ -26,6 +25,7 @@ from retain.engine.evaluate import evaluate_row
 from retain.engine.plan import Plan, check_encoding, make_plan
 from retain.engine.provenance import provenance
 from retain.engine.run_dir import RunDir, RunState
+from retain.engine.strategies import fix_cpu_deepspeed, full_weights, is_sharded, strategy_arguments
 from retain.engine.trackers import Tracking, open_tracking
 from retain.engine.trainer import ContinualTrainer
 from retain.errors import RetainError
@@ -35,15 +35,30 @@ from retain.evaluation.report import build_results, write_report
 from retain.methods.base import MethodContext
 from retain.models.adapters import adapter_names, apply_finetuning
 from retain.models.loading import load_encoders, load_model
-from retain.runtime import BatchLayout, batch_layout, process_state, use_bf16
+from retain.runtime import (
+    BatchLayout,
+    Strategy,
+    batch_layout,
+    process_state,
+    resolve_strategy,
+    use_bf16,
+)
 
 logger = logging.getLogger(__name__)
 
 
 def training_arguments(
-    config: RunConfig, run_dir: RunDir, index: int, bf16: bool, batch: BatchLayout
+    config: RunConfig,
+    run_dir: RunDir,
+    index: int,
+    bf16: bool,
+    batch: BatchLayout,
+    strategy: Strategy | None = None,
 ) -> TrainingArguments:
+    """The Trainer's arguments for unit `index`; `strategy` (default: single/DDP by the launcher) adds
+    FSDP's or DeepSpeed's (retain.engine.strategies)."""
     train = config.train
+    strategy = strategy or Strategy("ddp" if batch.processes > 1 else "single", batch.processes)
     # transformers 5 folds warmup_ratio into warmup_steps (a float < 1 is a ratio, >= 1 steps); 4.x has
     # both, and its warmup_steps > 0 overrides the ratio, as train.warmup_steps does.
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
@@ -52,8 +67,9 @@ def training_arguments(
         if "warmup_ratio" in fields
         else {"warmup_steps": train.warmup_steps if train.warmup_steps > 0 else train.warmup_ratio}
     )
-    return TrainingArguments(
+    args = TrainingArguments(
         **warmup,
+        **strategy_arguments(train, strategy),
         output_dir=os.path.join(run_dir.path, "tasks", ".trainer"),
         per_device_train_batch_size=batch.per_device,
         gradient_accumulation_steps=batch.accumulation,
@@ -71,13 +87,14 @@ def training_arguments(
         # gradient_checkpointing stays off here: train.gradient_checkpointing is switched on the model when
         # it is loaded (with what PEFT needs), and the Trainer would switch it again.
         bf16=bf16,
-        use_cpu=not torch.cuda.is_available(),
         seed=config.seed + index,
         remove_unused_columns=False,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
         disable_tqdm=False,
     )
+    fix_cpu_deepspeed(args)
+    return args
 
 
 class Experiment:
@@ -88,6 +105,7 @@ class Experiment:
         self.method = plan.method
         self.processes = process_state()
         self.batch = plan.batch or batch_layout(self.config.train, self.processes.num_processes)
+        self.strategy = getattr(plan, "strategy", None) or resolve_strategy(self.config)
         model, tokenizer, info = load_model(self.config.model.name_or_path, self.config.model)
         set_seed(self.config.seed)
         self.model = apply_finetuning(
@@ -111,6 +129,7 @@ class Experiment:
         self.method.setup(self.ctx)
         self.tracking = Tracking()  # the stream's trackers, opened by run_experiment on the main process
         self.loaded = 0  # which unit's end state the model and method hold (0: before training)
+        self.sharded = False  # whether training left the parameters sharded (FSDP, ZeRO-3)
 
     @property
     def is_main(self) -> bool:
@@ -123,6 +142,12 @@ class Experiment:
         """Put the model and the method in the state saved after unit `index` (0: before training)."""
         if index == self.loaded:
             return
+        if is_sharded(self.model):
+            # Not reached by a run: checkpoints load before the session's first task shards the model.
+            raise RetainError(
+                f"cannot load the checkpoint of unit {index} into a model sharded by {self.strategy.label}; "
+                "start a new process to resume the run"
+            )
         method_state = self.run_dir.load_checkpoint(index, self.unit_name(index), self.model)
         self.method.load_state_dict(method_state)
         self.ctx.task_index = index
@@ -136,11 +161,12 @@ class Experiment:
             return json.load(handle)
 
     def checkpoint(self, index: int, log: list[dict]) -> None:
-        if self.is_main:
-            self.run_dir.save_checkpoint(
-                index, self.unit_name(index), self.model, self.method.state_dict(), log
-            )
-        self.processes.wait_for_everyone()
+        # Every process gathers the sharded weights (FSDP, ZeRO-3) and the method state; rank 0 writes.
+        method_state = self.method.state_dict()
+        with full_weights(self.model):
+            if self.is_main:
+                self.run_dir.save_checkpoint(index, self.unit_name(index), self.model, method_state, log)
+            self.processes.wait_for_everyone()
 
     def train_unit(self, index: int) -> tuple[float, list[dict]]:
         """Train unit `index` (1-based) with the method's hooks; returns seconds and the training log."""
@@ -158,7 +184,9 @@ class Experiment:
         )
         trainer = ContinualTrainer(
             model=self.model,
-            args=training_arguments(self.config, self.run_dir, index, self.ctx.bf16, self.batch),
+            args=training_arguments(
+                self.config, self.run_dir, index, self.ctx.bf16, self.batch, self.strategy
+            ),
             train_dataset=FeatureDataset(features),
             data_collator=self.ctx.collate,
             callbacks=[self.tracking.callback(index)] if self.tracking.active else None,
@@ -168,6 +196,7 @@ class Experiment:
         )
         start = time.perf_counter()
         trainer.train()
+        self.sharded = is_sharded(self.model)
         # accelerate wraps forward in autocast for mixed precision; evaluation sets its own precision.
         trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
         self.ctx.logged.clear()  # what was logged after the last logging step belongs to no record
@@ -197,12 +226,24 @@ class Experiment:
             self.config.eval.max_new_tokens,
             self.config.eval.batch_size,
             all_processes=True,
+            lockstep=self.strategy.shards_parameters,
             tasks=tasks,
         )
         if self.is_main:
             self.tracking.row(row, [task.name for task in tasks], scores, general=general)
         self.processes.wait_for_everyone()
         return scores
+
+    def strategy_record(self) -> dict:
+        """What state.json and results.json record of the strategy the last unit trained under."""
+        strategy = self.strategy
+        return {
+            "name": strategy.name,
+            "label": strategy.label,
+            "processes": strategy.processes,
+            "offload": strategy.offload,
+            "sharded_parameters": self.sharded,
+        }
 
     def save_state(self, state: RunState) -> None:
         if self.is_main:
@@ -221,6 +262,7 @@ def _results(plan: Plan, state: RunState) -> dict:
         "num_processes": state.num_processes,
         "batch": batch_layout(config.train, state.num_processes).to_dict(),
         "adapters": state.adapters,
+        "strategy": state.strategy,
         "train_sizes": {t.name: len(t.train) for t in plan.tasks},
         "test_sizes": {t.name: len(t.test) for t in plan.tasks},
         "eval_mode": {t.name: _eval_mode(config, t) for t in plan.tasks},
@@ -331,6 +373,7 @@ def _train_and_evaluate(
             timings[f"train_s/{index}"] = round(seconds, 3)
             experiment.checkpoint(index, log)
             state.trained = index
+            state.strategy = experiment.strategy_record()
             experiment.save_state(state)
         if evaluate and not state.has_row(index):
             start = time.perf_counter()

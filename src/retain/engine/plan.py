@@ -17,6 +17,7 @@ from retain.config import RunConfig
 from retain.data.encode import encode_dataset
 from retain.data.formats import Example
 from retain.data.streams import Stream, Task, load_stream
+from retain.engine.memory_estimate import MemoryEstimate, count_parameters, estimate_memory
 from retain.engine.trackers import check_trackers
 from retain.errors import RetainError, did_you_mean
 from retain.evaluation.scoring import get_scorer
@@ -24,7 +25,7 @@ from retain.methods.base import ContinualMethod
 from retain.methods.registry import create_method, resolved_settings
 from retain.models.adapters import check_adapter, select_layers
 from retain.models.loading import check_model, is_image_text, model_layer_count
-from retain.runtime import BatchLayout, batch_layout, launched_processes
+from retain.runtime import BatchLayout, Strategy, batch_layout, resolve_strategy
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Plan:
     train_units: list[Task] = field(default_factory=list)  # what is trained: the tasks, or one joint task
     stream: Stream | None = None  # warnings and benchmark description for the report
     batch: BatchLayout | None = None  # how a step's examples split over processes and accumulation
+    strategy: Strategy | None = None  # single, DDP, FSDP or DeepSpeed ZeRO, on how many processes
 
     @property
     def joint(self) -> bool:
@@ -62,6 +64,15 @@ class Plan:
         if self.eval_only:
             prints["general"] = {task.name: {"test": examples_digest(task.test)} for task in self.eval_only}
         return prints
+
+    def memory(self) -> MemoryEstimate | None:
+        """Memory per process under the plan's strategy, counted on the meta device (no weights load);
+        None when the model must be built first (a built-in model not converted yet)."""
+        counts = count_parameters(self.config)
+        if counts is None or self.strategy is None:
+            return None
+        sizes = [len(unit.train) for unit in self.train_units]
+        return estimate_memory(self.config, self.strategy, self.method, counts, sizes)
 
     def data_source(self, task: str, split: str) -> str:
         """Where a task's `split` examples come from, for messages: the data file or dataset name."""
@@ -110,10 +121,9 @@ def make_plan(config: RunConfig) -> Plan:
         )
     check_trackers(config)  # a tracker whose package is missing fails now, not after the first task
     check_optimizer(config.train.optim)
-    processes = launched_processes()
-    if processes > 1 and not method.supports_multiprocess:
-        raise RetainError(f"method '{method.name}' does not support more than one process yet")
-    batch = batch_layout(config.train, processes)
+    strategy = resolve_strategy(config)
+    check_strategy(method, strategy)
+    batch = batch_layout(config.train, strategy.processes)
     # The model resolves (a Hub id is in the local cache), its settings are usable, the adapter it starts
     # from exists: checked here so --dry-run refuses what the run would.
     check_model(config.model)
@@ -129,7 +139,26 @@ def make_plan(config: RunConfig) -> Plan:
     if method.joint_training:
         joint = [example for task in tasks for example in task.train]
         units = [Task(name="multitask", train=joint, test=[], scorer="exact")]
-    return Plan(config=config, tasks=tasks, method=method, train_units=units, stream=stream, batch=batch)
+    return Plan(
+        config=config,
+        tasks=tasks,
+        method=method,
+        train_units=units,
+        stream=stream,
+        batch=batch,
+        strategy=strategy,
+    )
+
+
+def check_strategy(method: ContinualMethod, strategy: Strategy) -> None:
+    """The method declares it runs correctly under the strategy (ContinualMethod.refused_strategies);
+    docs/compatibility.md lists every method's strategies."""
+    reason = method.strategy_refusal(strategy)
+    if reason:
+        raise RetainError(
+            f"config: {reason}. Choose another strategy (train.deepspeed / train.fsdp, or the accelerate "
+            "config) or another method; docs/compatibility.md lists what each method supports"
+        )
 
 
 def check_images(config: RunConfig, tasks: list[Task], method: ContinualMethod) -> None:

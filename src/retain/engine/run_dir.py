@@ -73,6 +73,9 @@ class RunState:
     # resolved settings) and "data" (task -> {"train", "test"}). Empty in a state file from before 0.3.
     fingerprints: dict[str, Any] = field(default_factory=dict)
     general_rows: dict[str, list[float] | None] = field(default_factory=dict)
+    # The strategy the last trained unit ran under (retain.runtime.Strategy's name, label, processes,
+    # offload) and whether its parameters were found sharded after training ("sharded_parameters").
+    strategy: dict[str, Any] = field(default_factory=dict)
 
     def has_row(self, row: int) -> bool:
         return str(row) in self.rows

@@ -33,7 +33,7 @@ from torch import nn
 
 from retain.data.formats import Example
 from retain.errors import RetainError
-from retain.methods.base import MethodContext
+from retain.methods.base import MethodContext, RunSizes, StateItem, earlier_adapters, example_memory
 from retain.methods.common.penalties import a_overlap_l1, lora_a_overlap_pairs, norm_of
 from retain.methods.common.routing import (
     FeaturePool,
@@ -120,8 +120,13 @@ class ABSCL(RoutedMethod):
 
     config: ABSCLConfig
     export_refusal = "picks an adapter per prompt (by its domain positioning)"
-    # The replay pass switches the active adapters inside a training step; not checked under DDP yet.
-    supports_multiprocess = False
+    refused_strategies = {
+        "multiprocess": "its replay pass switches the active adapters inside a training step, which no run "
+        "has checked under more than one process",
+        "sharded-params": "its orthogonality penalty reads the shared adapter's full LoRA matrices and it "
+        "computes prompt features with its own forward passes; under FSDP / ZeRO-3 a process holds only a "
+        "shard of each",
+    }
 
     def __init__(self, config: ABSCLConfig | None = None) -> None:
         super().__init__(config or ABSCLConfig())
@@ -136,6 +141,14 @@ class ABSCL(RoutedMethod):
         self._draws: random.Random | None = None
         self._pairs: list[tuple[list[torch.Tensor], nn.Parameter]] = []  # (A_shared, A_domain) per layer
         self._shared: list[nn.Parameter] = []  # the shared adapter's tensors
+
+    def state_estimate(self, sizes: RunSizes) -> list[StateItem]:
+        kept = sum(min(n, self.config.memory_size) for n in sizes.train_examples[:-1])  # 0: no memory
+        # per-domain feature means and the shared covariance and its inverse, on the CPU
+        statistics = StateItem(
+            "domain statistics", (sizes.tasks + 2 * sizes.hidden_size) * sizes.hidden_size, on_device=False
+        )
+        return [earlier_adapters(sizes), example_memory(sizes, kept, "replay memory"), statistics]
 
     def _features(self, ctx: MethodContext, examples: Sequence[Example]) -> torch.Tensor:
         c = self.config

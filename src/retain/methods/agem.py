@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from retain.methods.base import MethodContext
+from retain.methods.base import MethodContext, RunSizes, StateItem, example_memory
 from retain.methods.common.episodic import CHUNK, EpisodicConfig, EpisodicProjection, dots64, memory_gradient
+from retain.methods.common.sharding import DEEPSPEED_GRADIENTS, EXTRA_BACKWARD_SHARDED
 from retain.methods.registry import register
 
 
@@ -41,9 +42,23 @@ class AGEM(EpisodicProjection):
     """A-GEM: project the gradient when it conflicts with the average gradient on the episodic memory."""
 
     config: AGEMConfig
+    refused_strategies = {
+        "sharded-grads": "the projection reads and rewrites every trainable parameter's whole accumulated "
+        "gradient as one vector; under FSDP / ZeRO-2/3 a process holds a shard of each",
+        "sharded-params": f"the memory gradients are taken on the model as it is: {EXTRA_BACKWARD_SHARDED}",
+        "deepspeed": DEEPSPEED_GRADIENTS,
+    }
 
     def __init__(self, config: AGEMConfig | None = None) -> None:
         super().__init__(config or AGEMConfig())
+
+    def state_estimate(self, sizes: RunSizes) -> list[StateItem]:
+        kept = sum(min(self.config.memory_size, n) for n in sizes.train_examples)
+        return [
+            example_memory(sizes, kept, "episodic memory"),
+            StateItem("reference gradient on the memory (during each step)", sizes.trainable_params),
+            StateItem("the step's gradient as one vector (during each step)", sizes.trainable_params),
+        ]
 
     def project(
         self, ctx: MethodContext, model: nn.Module, params: list[nn.Parameter], g: torch.Tensor

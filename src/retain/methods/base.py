@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import random
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -23,10 +23,55 @@ from retain.data.formats import Example
 from retain.errors import RetainError
 from retain.models.adapters import adapter_names, unwrap
 from retain.models.forward import StepOutputs, response_forward
+from retain.runtime import STRATEGIES, STRATEGY_FAMILIES, Strategy
 
 if TYPE_CHECKING:
     from retain.config import RunConfig
     from retain.data.streams import Task
+
+
+@dataclass(frozen=True)
+class RunSizes:
+    """What a method's state size depends on, known before any weight is loaded: the model's parameter
+    counts (engine/memory_estimate.py counts them on the meta device) and the stream's sizes."""
+
+    total_params: int  # parameters of the model as loaded (base weights, adapter included)
+    trainable_params: int  # parameters the optimizer updates: the LoRA adapter, or the whole model
+    hidden_size: int
+    layers: int  # transformer blocks
+    train_examples: list[int]  # training examples of each task, in stream order
+    cutoff_len: int  # the most tokens of one training example
+    # (rows, columns) of the trainable matrices inside the transformer blocks: LoRA's A and B under LoRA,
+    # the linear weights under full fine-tuning
+    block_matrices: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def tasks(self) -> int:
+        return len(self.train_examples)
+
+
+@dataclass(frozen=True)
+class StateItem:
+    """One part of a method's state at its largest point in the stream (after the last task unless said)."""
+
+    what: str  # for people: "EMA copy of the adapter", "Fisher diagonal"
+    numel: int  # elements
+    bytes_per_element: int = 4  # fp32 unless the method keeps it otherwise (token ids: 8, int64)
+    on_device: bool = True  # on the accelerator with the model (False: CPU RAM)
+
+    @property
+    def bytes(self) -> int:
+        return self.numel * self.bytes_per_element
+
+
+def earlier_adapters(sizes: RunSizes, what: str = "adapters of the earlier tasks (frozen)") -> StateItem:
+    """One adapter per finished task kept beside the one in training (fp32, on the device)."""
+    return StateItem(what, max(sizes.tasks - 1, 0) * sizes.trainable_params)
+
+
+def example_memory(sizes: RunSizes, examples: int, what: str = "memory") -> StateItem:
+    """`examples` stored examples, counted as their token ids (int64, at most cutoff_len each) in CPU RAM."""
+    return StateItem(f"{what} ({examples:,} examples)", examples * sizes.cutoff_len, 8, on_device=False)
 
 
 @dataclass
@@ -119,7 +164,13 @@ class ContinualMethod:
     config_cls: ClassVar[type | None] = None
     # Capabilities, declared by each method and checked when the config is read.
     supports_full_finetuning: ClassVar[bool] = True
-    supports_multiprocess: ClassVar[bool] = True
+    # Strategies under which the method would run wrong or is unchecked, each with the reason (one sentence
+    # completing "<method> is refused under <strategy>: ..."). A key is a strategy name of
+    # retain.runtime.STRATEGIES ("fsdp", "zero2", ...) or a family of STRATEGY_FAMILIES ("multiprocess",
+    # "sharded-params", "sharded-grads", "sharded-optimizer", "deepspeed", "offload"), which refuses every
+    # strategy that has the property. engine/plan.py refuses the run when the config is read; the table in
+    # docs/compatibility.md is generated from these declarations (retain methods --strategies).
+    refused_strategies: ClassVar[Mapping[str, str]] = {}
     # The method works on data with images (methods that write text-only pseudo samples do not).
     supports_images: ClassVar[bool] = True
     # The method is told which task a test prompt belongs to (an oracle; results.json records it).
@@ -146,10 +197,38 @@ class ContinualMethod:
     def __init__(self, config: Any = None) -> None:
         self.config = config
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        unknown = set(cls.refused_strategies) - set(STRATEGIES) - set(STRATEGY_FAMILIES)
+        if unknown:  # a typo would silently allow the strategy it meant to refuse
+            raise TypeError(
+                f"{cls.__name__}.refused_strategies: unknown key(s) {sorted(unknown)}; use strategies "
+                f"{STRATEGIES} or families {STRATEGY_FAMILIES}"
+            )
+
     @property
     def components(self) -> list[ContinualMethod]:
         """The methods this one applies: itself, or each part of a combination."""
         return [self]
+
+    @classmethod
+    def declared_refusal(cls, strategy: Strategy) -> str | None:
+        """The reason this class declares for refusing `strategy` (its name or one of its families)."""
+        return next((why for key, why in cls.refused_strategies.items() if key in strategy.keys), None)
+
+    def strategy_refusal(self, strategy: Strategy) -> str | None:
+        """Why this method (or a component of a combination) cannot run under `strategy`, or None."""
+        for component in self.components:
+            reason = component.declared_refusal(strategy)
+            if reason:
+                return f"method '{component.name}' is refused under {strategy.label}: {reason}"
+        return None
+
+    def state_estimate(self, sizes: RunSizes) -> list[StateItem]:
+        """The method's own state beyond the model and its optimizer (EMA copies, Fisher, memories, stored
+        gradients, per-task adapters, bases), for `retain run --dry-run`'s memory estimate; per process.
+        Sizes only: no weights are loaded. The default is no state (plain fine-tuning)."""
+        return []
 
     def setup(self, ctx: MethodContext) -> None:
         """Once, after the model is loaded and wrapped."""

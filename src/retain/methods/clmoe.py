@@ -37,7 +37,7 @@ import torch
 
 from retain.data.formats import Example
 from retain.errors import RetainError
-from retain.methods.base import MethodContext
+from retain.methods.base import MethodContext, RunSizes, StateItem
 from retain.methods.common.experts import LoRAExperts
 from retain.methods.common.moe import MoELoRAConfig, MoEMethod
 from retain.methods.registry import register
@@ -125,6 +125,10 @@ class CLMoE(MoEMethod):
     """CL-MoE: MoE-LoRA with task- and instance-level routers and a momentum merge of experts per task."""
 
     config: CLMoEConfig
+    refused_strategies = {
+        "sharded-params": "its momentum merge reads and rewrites the experts' full LoRA matrices after each "
+        "task; under FSDP / ZeRO-3 a process holds only a shard of each",
+    }
     prefix = "clmoe"
     needs_task_id_at_test = True
     export_refusal = (
@@ -138,6 +142,9 @@ class CLMoE(MoEMethod):
         self.order: list[str] = []  # tasks trained so far
         self.top: dict[str, torch.Tensor] = {}  # task name -> (L, E) boolean index set I_t
         self.previous: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def state_estimate(self, sizes: RunSizes) -> list[StateItem]:
+        return [StateItem("the experts before the task (for the momentum merge)", sizes.trainable_params)]
 
     def before_task(self, ctx: MethodContext, task: Task) -> None:
         super().before_task(ctx, task)

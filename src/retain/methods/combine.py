@@ -20,6 +20,7 @@ task's first loss call, with the adapters that were active while the previous ta
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,7 +28,7 @@ from torch import nn
 
 from retain.data.formats import Example
 from retain.errors import RetainError
-from retain.methods.base import ContinualMethod, MethodContext
+from retain.methods.base import ContinualMethod, MethodContext, RunSizes, StateItem
 from retain.models.forward import StepOutputs
 
 if TYPE_CHECKING:
@@ -82,7 +83,6 @@ class Combined(ContinualMethod):
         self._components = components
         self.name = "+".join(names)
         self.supports_full_finetuning = all(c.supports_full_finetuning for c in components)
-        self.supports_multiprocess = all(c.supports_multiprocess for c in components)
         self.supports_images = all(c.supports_images for c in components)
         self.needs_task_id_at_test = any(c.needs_task_id_at_test for c in components)
         self.decides_eval_model = any(c.decides_eval_model for c in components)
@@ -136,6 +136,14 @@ class Combined(ContinualMethod):
 
     def restore(self, ctx: MethodContext) -> None:
         self.router.restore(ctx)
+
+    def state_estimate(self, sizes: RunSizes) -> list[StateItem]:
+        # each part named by its component, as the dry run lists them
+        return [
+            replace(item, what=f"{c.name}: {item.what}")
+            for c in self.components
+            for item in c.state_estimate(sizes)
+        ]
 
     def state_dict(self) -> dict[str, Any]:
         return {c.name: c.state_dict() for c in self.components}

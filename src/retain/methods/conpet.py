@@ -23,7 +23,7 @@ from torch import nn
 
 from retain.data.formats import Example
 from retain.errors import RetainError
-from retain.methods.base import MethodContext
+from retain.methods.base import MethodContext, RunSizes, StateItem, earlier_adapters
 from retain.methods.common.routing import (
     ROUTE_SEPARATOR,
     FeaturePool,
@@ -130,6 +130,11 @@ class ConPET(RoutedMethod):
     """Dynamic ConPET: one LoRA adapter per task, chosen per test instance by a trained task selector."""
 
     config: ConPETConfig
+    refused_strategies = {
+        "sharded-params": "it computes prompt features with its own forward passes on the unwrapped model "
+        "after each task (for its task selector); under FSDP / ZeRO-3 a process holds only a shard of each "
+        "parameter",
+    }
     export_refusal = "picks an adapter per prompt (by its task selector)"
 
     def __init__(self, config: ConPETConfig | None = None) -> None:
@@ -137,6 +142,12 @@ class ConPET(RoutedMethod):
         self.adapters: list[str] = []  # adapter of each finished task, in stream order
         self.memory: dict[str, torch.Tensor] = {}  # adapter -> [n, hidden] prompt features
         self.selector: TaskSelector | None = None
+
+    def state_estimate(self, sizes: RunSizes) -> list[StateItem]:
+        cap = self.config.memory_per_task  # 0: every example (as sample_indices reads it)
+        kept = sum(min(n, cap) if cap > 0 else n for n in sizes.train_examples)
+        features = StateItem(f"prompt features of the selector's memory ({kept:,})", kept * sizes.hidden_size)
+        return [earlier_adapters(sizes), features]
 
     @staticmethod
     def adapter_for(index: int) -> str:

@@ -26,7 +26,8 @@ import torch.distributed as dist
 
 from retain.data.batching import IGNORE_INDEX
 from retain.errors import RetainError
-from retain.methods.base import ContinualMethod, MethodContext
+from retain.methods.base import ContinualMethod, MethodContext, RunSizes, StateItem
+from retain.methods.common.sharding import DEEPSPEED_UNVERIFIED, EXTRA_BACKWARD_SHARDED
 from retain.methods.registry import register
 from retain.models.adapters import trainable_parameters, unwrap
 from retain.models.forward import StepOutputs
@@ -90,12 +91,22 @@ class EWC(ContinualMethod):
     """Online EWC: a Fisher-weighted quadratic penalty that pulls weights back toward earlier tasks'."""
 
     config: EWCConfig
+    refused_strategies = {
+        "sharded-params": f"the Fisher needs per-example gradients: {EXTRA_BACKWARD_SHARDED}",
+        "deepspeed": DEEPSPEED_UNVERIFIED,
+    }
 
     def __init__(self, config: EWCConfig | None = None) -> None:
         super().__init__(config or EWCConfig())
         self.fisher: dict[str, torch.Tensor] = {}
         self.anchor: dict[str, torch.Tensor] = {}
         self.trained: list[str] = []  # the parameters the current task trains (set at its first loss)
+
+    def state_estimate(self, sizes: RunSizes) -> list[StateItem]:
+        return [
+            StateItem("Fisher diagonal", sizes.trainable_params),
+            StateItem("anchor parameters (theta*)", sizes.trainable_params),
+        ]
 
     def before_task(self, ctx: MethodContext, task) -> None:
         self.trained = []

@@ -35,8 +35,9 @@ import torch
 from torch import nn
 
 from retain.errors import RetainError
-from retain.methods.base import MethodContext
+from retain.methods.base import MethodContext, RunSizes, StateItem, example_memory
 from retain.methods.common.episodic import CHUNK, EpisodicConfig, EpisodicProjection, dots64, memory_gradient
+from retain.methods.common.sharding import DEEPSPEED_GRADIENTS, EXTRA_BACKWARD_SHARDED
 from retain.methods.registry import register
 
 logger = logging.getLogger(__name__)
@@ -129,10 +130,27 @@ class GEM(EpisodicProjection):
     """GEM: project the gradient so that no previous task's memory loss increases (one QP per step)."""
 
     config: GEMConfig
+    refused_strategies = {
+        "sharded-grads": "the projection reads and rewrites every trainable parameter's whole accumulated "
+        "gradient as one vector; under FSDP / ZeRO-2/3 a process holds a shard of each",
+        "sharded-params": f"the memory gradients are taken on the model as it is: {EXTRA_BACKWARD_SHARDED}",
+        "deepspeed": DEEPSPEED_GRADIENTS,
+    }
 
     def __init__(self, config: GEMConfig | None = None) -> None:
         super().__init__(config or GEMConfig())
         self.warned = False  # the QP's non-convergence is reported once per task
+
+    def state_estimate(self, sizes: RunSizes) -> list[StateItem]:
+        kept = sum(min(self.config.memory_size, n) for n in sizes.train_examples)
+        return [
+            example_memory(sizes, kept, "episodic memory"),
+            StateItem(
+                "memory gradients of the earlier tasks, one per task (during each step)",
+                max(sizes.tasks - 1, 1) * sizes.trainable_params,
+            ),
+            StateItem("the step's gradient as one vector (during each step)", sizes.trainable_params),
+        ]
 
     def before_task(self, ctx: MethodContext, task) -> None:
         super().before_task(ctx, task)

@@ -169,6 +169,11 @@ class GeRe(ContinualMethod):
     """GeRe: replay of fixed general samples with a margin loss on the base model's last-layer states."""
 
     config: GeReConfig
+    refused_strategies = {
+        "sharded-params": "it records the base model's hidden states with its own forward passes outside "
+        "the training step; under FSDP / ZeRO-3 those need every process in step and the full parameters, "
+        "which no run has checked",
+    }
 
     def __init__(self, config: GeReConfig | None = None) -> None:
         super().__init__(config or GeReConfig())

@@ -7,6 +7,9 @@ theta_slow <- a * theta_slow + (1 - a) * theta_fast, with a = min(1 - 1/(step + 
 From task 2 on, each step also draws a batch x_b from a replay buffer of earlier tasks and minimises
 L = (L_task + L_CE(x_b)) / 2 + gamma * mean_layers MSE(h_fast(x_b), max(h_fast(x_b), h_slow(x_b))),
 the hidden states of every layer (embeddings included) compared on the real tokens of x_b.
+Each micro-batch's replay draw is seeded by its place in the task's stream of micro-batches over all
+processes (rank r's i-th micro-batch is the (i x processes + r)-th, as accelerate deals batches to ranks),
+so two processes replay what one process with the same global batch replays, and a resume the same.
 The slow adapter is the one evaluated (set `eval_adapter: fast` to evaluate the fast one).
 """
 
@@ -22,9 +25,10 @@ from torch import nn
 
 from retain.data.formats import Example
 from retain.errors import RetainError
-from retain.methods.base import ContinualMethod, MethodContext
+from retain.methods.base import ContinualMethod, MethodContext, RunSizes, StateItem, example_memory
 from retain.methods.common.memory import draw_evenly, reservoir_sample
 from retain.methods.common.pseudo import own_examples
+from retain.methods.common.sharding import DEEPSPEED_UNVERIFIED
 from retain.methods.registry import register
 from retain.models.adapters import activate_adapters, adapter_state, add_adapter, peft_model, unwrap
 from retain.models.forward import StepOutputs, forward_with_weights, response_forward_with_hidden
@@ -90,6 +94,12 @@ class ILoRA(ContinualMethod):
     supports_full_finetuning = False
     decides_eval_model = True
     adds_adapters = True  # the slow adapter
+    refused_strategies = {
+        "sharded-params": "the slow learner's forward puts the slow adapter's weights in place of the fast "
+        "one's (functional_call), and the EMA mixes the two adapters outside the forward; under FSDP / "
+        "ZeRO-3 a process holds shards, which those calls do not gather",
+        "deepspeed": DEEPSPEED_UNVERIFIED,
+    }
 
     def __init__(self, config: ILoRAConfig | None = None) -> None:
         super().__init__(config or ILoRAConfig())
@@ -99,7 +109,13 @@ class ILoRA(ContinualMethod):
         self.slow: list[nn.Parameter] = []
         self.slow_weights: dict[str, nn.Parameter] = {}  # fast parameter name -> its slow counterpart
         self.step = 0
-        self.draws: random.Random | None = None  # the replay draws of the current task
+        self.micro_batches = 0  # micro-batches this rank has trained on in the current task
+
+    def state_estimate(self, sizes: RunSizes) -> list[StateItem]:
+        return [
+            StateItem("slow (EMA) adapter", sizes.trainable_params),
+            example_memory(sizes, min(self.config.buffer_size, sum(sizes.train_examples)), "replay buffer"),
+        ]
 
     def _rng(self, ctx: MethodContext, salt: str) -> random.Random:
         return ctx.rng(f"ilora:{self.config.seed}:{salt}")
@@ -115,15 +131,17 @@ class ILoRA(ContinualMethod):
         fast = adapter_state(ctx.model, FAST)
         self.slow_weights = {name: slow[name.replace(f".{FAST}.", f".{SLOW}.")] for name in fast}
         self.fast, self.slow = list(fast.values()), list(self.slow_weights.values())
-        self.step = 0
-        self.draws = self._rng(ctx, f"draw:{ctx.rank}")  # each rank replays different samples
+        self.step = self.micro_batches = 0
         self.features = [ctx.encode(examples) for examples in self.memory.values()]
 
     def draw(self, ctx: MethodContext, size: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """A batch from the buffer, spread evenly over the tasks (in a random order, so that a batch smaller
-        than the number of tasks does not favour the first ones)."""
-        memories = self.draws.sample(self.features, len(self.features))
-        features = draw_evenly(memories, self.config.replay_batch_size or size, self.draws)
+        """A batch from the buffer for this rank's next micro-batch, spread evenly over the tasks (in a
+        random order, so that a batch smaller than the number of tasks does not favour the first ones)."""
+        index = self.micro_batches * ctx.world_size + ctx.rank  # its place among all ranks' micro-batches
+        self.micro_batches += 1
+        rng = self._rng(ctx, f"draw:{index}")
+        memories = rng.sample(self.features, len(self.features))
+        features = draw_evenly(memories, self.config.replay_batch_size or size, rng)
         return {k: v.to(device) for k, v in ctx.collate(features).items()}
 
     def buffer_terms(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

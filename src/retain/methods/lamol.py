@@ -29,7 +29,7 @@ import torch
 
 from retain.data.formats import Example
 from retain.errors import RetainError
-from retain.methods.base import ContinualMethod, MethodContext
+from retain.methods.base import ContinualMethod, MethodContext, RunSizes, StateItem, example_memory
 from retain.methods.common import pseudo
 from retain.methods.registry import register
 from retain.models.adapters import unwrap
@@ -105,6 +105,10 @@ class LAMOL(ContinualMethod):
     """LAMOL: learn to answer and to generate tasks; rehearse self-generated pseudo samples."""
 
     config: LAMOLConfig
+    refused_strategies = {
+        "sharded-params": "it generates pseudo samples with the unwrapped model before each task; under "
+        "FSDP / ZeRO-3 a process holds only a shard of each parameter outside the wrapped forward",
+    }
     needs_previous_model_at_start = True  # generates from the model as the task starts
 
     def __init__(self, config: LAMOLConfig | None = None) -> None:
@@ -113,6 +117,10 @@ class LAMOL(ContinualMethod):
         self.systems: dict[str, str | None] = {}
         # token ids of each training example -> its LM sequence's features; rebuilt by training_data
         self._lm_features: dict[tuple[int, ...], dict[str, list[int]]] = {}
+
+    def state_estimate(self, sizes: RunSizes) -> list[StateItem]:
+        per_task = self.config.memory_per_task or max(sizes.train_examples, default=0)
+        return [example_memory(sizes, per_task * max(sizes.tasks - 1, 0), "pseudo-sample memory")]
 
     def training_data(self, ctx: MethodContext, task, data: list[Example]) -> list[Example]:
         own = pseudo.own_examples(data)

@@ -58,7 +58,7 @@ from retain.data.formats import Example
 from retain.data.images import IMAGE_PLACEHOLDER
 from retain.errors import RetainError
 from retain.io import write_json_atomic
-from retain.methods.base import MethodContext
+from retain.methods.base import MethodContext, RunSizes, StateItem, earlier_adapters
 from retain.methods.common.ema import DynamicEMA
 from retain.methods.common.grouping import (
     Aggregate,
@@ -75,6 +75,7 @@ from retain.methods.common.grouping import (
     task_templates,
 )
 from retain.methods.common.routing import RoutedMethod
+from retain.methods.common.sharding import DEEPSPEED_GRADIENTS
 from retain.methods.registry import register
 from retain.models.adapters import activate_adapters, add_adapter, trainable_parameters
 from retain.models.embedder import Similarity, SimilarityName, build_similarity
@@ -252,6 +253,12 @@ class LCIA(RoutedMethod):
 
     config: LCIAConfig
     export_refusal = "picks an adapter per prompt (by its instruction group)"
+    refused_strategies = {
+        "fsdp": "it adds a LoRA adapter for each new instruction group after the model is sharded, and an "
+        "FSDP2 model is not sharded again (accelerate), so the new adapter would stay whole beside sharded "
+        "ones; DEMA itself reads whole tensors (methods/common/sharding.py, tested on FSDP2 shards)",
+        "deepspeed": DEEPSPEED_GRADIENTS,
+    }
 
     def __init__(self, config: LCIAConfig | None = None) -> None:
         super().__init__(config or LCIAConfig())
@@ -265,6 +272,19 @@ class LCIA(RoutedMethod):
         self.params: dict[str, nn.Parameter] = {}  # the trainable tensors of the current task
         self.current: dict[str, Any] | None = None
         self._similarity: Similarity | None = None
+
+    def state_estimate(self, sizes: RunSizes) -> list[StateItem]:
+        items = [earlier_adapters(sizes, "adapters of the other instruction groups (at most one per task)")]
+        if self.config.dema:
+            items += [
+                StateItem("DEMA: EMA copy of the trained tensors", sizes.trainable_params),
+                StateItem("DEMA: previous step's gradient", sizes.trainable_params),
+            ]
+        if self.config.keep_raw:
+            items.append(
+                StateItem("raw (pre-EMA) adapters", sizes.tasks * sizes.trainable_params, on_device=False)
+            )
+        return items
 
     @property
     def similarity(self) -> Similarity:

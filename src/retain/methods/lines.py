@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from retain.errors import RetainError
-from retain.methods.base import ContinualMethod, MethodContext
+from retain.methods.base import ContinualMethod, MethodContext, RunSizes, StateItem
 from retain.methods.common.task_vectors import lines_scale_full, lines_scale_lora
 from retain.methods.registry import register
 from retain.models.adapters import adapter_names, trainable_parameters
@@ -65,10 +65,19 @@ class LiNeS(ContinualMethod):
     """LiNeS: after each task, scale the update from the pre-trained weights by alpha + beta * depth."""
 
     config: LiNeSConfig
+    refused_strategies = {
+        "sharded-params": "it rescales every adapter's B matrix in place after each task; under FSDP / "
+        "ZeRO-3 a process holds only a shard of each parameter",
+    }
 
     def __init__(self, config: LiNeSConfig | None = None) -> None:
         super().__init__(config or LiNeSConfig())
         self.base: dict[str, torch.Tensor] = {}  # full fine-tuning: theta_0 of the trainable weights
+
+    def state_estimate(self, sizes: RunSizes) -> list[StateItem]:
+        if sizes.trainable_params == sizes.total_params:  # full fine-tuning keeps theta_0
+            return [StateItem("pre-trained weights theta_0 (fp32)", sizes.trainable_params, on_device=False)]
+        return []
 
     def setup(self, ctx: MethodContext) -> None:
         # The model as loaded is theta_0, also when resuming (checkpoints are loaded after setup).

@@ -25,7 +25,7 @@ from peft import PeftModel
 
 from retain.data.batching import IGNORE_INDEX
 from retain.errors import RetainError
-from retain.methods.base import ContinualMethod, MethodContext
+from retain.methods.base import ContinualMethod, MethodContext, RunSizes, StateItem
 from retain.methods.registry import register
 from retain.models.adapters import snapshot_trainable, unwrap
 from retain.models.forward import StepOutputs, forward_with_weights
@@ -59,6 +59,11 @@ class LwF(ContinualMethod):
     """Learning without Forgetting: KL distillation to the model from before the current task."""
 
     config: LwFConfig
+    refused_strategies = {
+        "sharded-params": "it snapshots the trainable parameters as the teacher and runs the teacher's "
+        "forward with them (functional_call); under FSDP / ZeRO-3 a process holds only a shard of each "
+        "parameter",
+    }
 
     def __init__(self, config: LwFConfig | None = None) -> None:
         super().__init__(config or LwFConfig())
@@ -66,6 +71,9 @@ class LwF(ContinualMethod):
         self.active: list[str] = []  # the adapters active while the latest task trained (PEFT only)
         self.teacher_active: list[str] = []  # those of the previous task: the teacher's
         self._pending = False  # the teacher is taken at the task's first loss call
+
+    def state_estimate(self, sizes: RunSizes) -> list[StateItem]:
+        return [StateItem("teacher: a copy of the trainable weights", sizes.trainable_params)]
 
     def before_task(self, ctx: MethodContext, task) -> None:
         self.teacher, self.teacher_active = {}, []

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Literal
 from torch import nn
 
 from retain.errors import RetainError
-from retain.methods.base import ContinualMethod, MethodContext
+from retain.methods.base import ContinualMethod, MethodContext, RunSizes, StateItem, earlier_adapters
 from retain.methods.common.task_vectors import MERGE_HOWS, MergeHow, merge_adapters
 from retain.methods.registry import register
 from retain.models.adapters import activate_adapters, add_adapter, peft_model
@@ -84,6 +84,10 @@ class Merge(ContinualMethod):
     """Model merging: an adapter per task, merged (task arithmetic / TIES / DARE) after each task."""
 
     config: MergeConfig
+    refused_strategies = {
+        "sharded-params": "it builds task vectors from each task's full LoRA matrices and merges them; "
+        "under FSDP / ZeRO-3 a process holds only a shard of each",
+    }
     supports_full_finetuning = False
     decides_eval_model = True
     adds_adapters = freezes_adapters = switches_adapters = True
@@ -91,6 +95,16 @@ class Merge(ContinualMethod):
     def __init__(self, config: MergeConfig | None = None) -> None:
         super().__init__(config or MergeConfig())
         self.merged_for: int | None = None  # the task index the merged adapter was built after
+
+    def state_estimate(self, sizes: RunSizes) -> list[StateItem]:
+        if self.config.how == "task_arithmetic":  # PEFT's "cat": the ranks of all tasks side by side
+            merged = sizes.tasks * sizes.trainable_params
+        else:  # the dense Delta W of each LoRA layer as an adapter of rank min(out, in)
+            factors = sizes.block_matrices  # (r, in) of lora_A, then (out, r) of lora_B, per layer
+            merged = sum(
+                (o + i) * min(o, i) for (_, i), (o, _) in zip(factors[::2], factors[1::2], strict=True)
+            )
+        return [earlier_adapters(sizes), StateItem("the merged adapter (for evaluation)", merged)]
 
     def _train_only(self, model: nn.Module, index: int) -> None:
         name = task_adapter(index)

@@ -38,7 +38,13 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from retain.errors import RetainError
-from retain.methods.base import ContinualMethod, MethodContext
+from retain.methods.base import ContinualMethod, MethodContext, RunSizes, StateItem
+from retain.methods.common.sharding import (
+    DEEPSPEED_GRADIENTS,
+    full_gradient,
+    is_sharded,
+    set_full_gradient,
+)
 from retain.methods.registry import register
 from retain.models.adapters import unwrap
 
@@ -64,6 +70,18 @@ class MIGUConfig:
 def kept_rows(n: int, ratio: float) -> int:
     """How many of n rows keep their gradient: those at or above the (1 - ratio) quantile of n values."""
     return n - math.ceil((1.0 - ratio) * (n - 1) - 1e-9)
+
+
+def mask_rows(weight: nn.Parameter, keep: torch.Tensor) -> None:
+    """Zero the gradient rows of `weight` where `keep` is False. In place on a whole gradient; a sharded
+    one (FSDP2: rows split over ranks) is gathered, masked and put back as each rank's shard."""
+    if weight.grad is None:
+        return
+    if not is_sharded(weight):
+        weight.grad.masked_fill_(~keep.to(weight.grad.device).unsqueeze(-1), 0.0)
+        return
+    grad = full_gradient(weight)
+    set_full_gradient(weight, grad.masked_fill(~keep.to(grad.device).unsqueeze(-1), 0.0))
 
 
 class _Target:
@@ -110,12 +128,22 @@ class MIGU(ContinualMethod):
     """MIGU: only the output rows of each linear layer with the largest activation magnitudes are updated."""
 
     config: MIGUConfig
+    # FSDP: the masks gather and write back each sharded gradient (mask_rows); checked against one process
+    # in tests/engine/test_method_state_equivalence.py.
+    refused_strategies = {"deepspeed": DEEPSPEED_GRADIENTS}
 
     def __init__(self, config: MIGUConfig | None = None) -> None:
         super().__init__(config or MIGUConfig())
         self.targets: list[_Target] = []
         self.handles: list[Any] = []
         self.attention: torch.Tensor | None = None  # the attention mask of the model's latest forward
+
+    def state_estimate(self, sizes: RunSizes) -> list[StateItem]:
+        # One |output| sum per row of each masked matrix, plus a token count (an upper bound: every
+        # trainable block matrix counted, lora_A's rows included).
+        return [
+            StateItem("output magnitude sums (during each step)", sum(r + 1 for r, _ in sizes.block_matrices))
+        ]
 
     # --- hooks -------------------------------------------------------------------------------------------
 
@@ -198,8 +226,7 @@ class MIGU(ContinualMethod):
                 keep[share.topk(k).indices] = True
                 keep |= acc[-1] <= 0  # a layer that saw no token this step has nothing to rank it by
                 for weight in target.weights:
-                    if weight.grad is not None:
-                        weight.grad.masked_fill_(~keep.to(weight.grad.device).unsqueeze(-1), 0.0)
+                    mask_rows(weight, keep)
                 kept, total = kept + k, total + len(share)
                 mass.append((share * keep).sum())
         if total:

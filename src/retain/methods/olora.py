@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from retain.errors import RetainError
-from retain.methods.base import ContinualMethod, MethodContext
+from retain.methods.base import ContinualMethod, MethodContext, RunSizes, StateItem, earlier_adapters
 from retain.methods.common.penalties import a_overlap_l1, lora_a_overlap_pairs, norm_of
+from retain.methods.common.sharding import DEEPSPEED_UNVERIFIED
 from retain.methods.registry import register
 from retain.models.adapters import activate_adapters, adapter_names, adapter_state, add_adapter, peft_model
 from retain.models.forward import StepOutputs
@@ -51,11 +52,19 @@ class OLoRA(ContinualMethod):
     supports_full_finetuning = False
     decides_eval_model = True
     adds_adapters = freezes_adapters = True
+    refused_strategies = {
+        "sharded-params": "its penalty multiplies the new adapter's A with the earlier adapters' A outside "
+        "the forward; under FSDP / ZeRO-3 a process holds a shard of each, which the penalty does not gather",
+        "deepspeed": DEEPSPEED_UNVERIFIED,
+    }
 
     def __init__(self, config: OLoRAConfig | None = None) -> None:
         super().__init__(config or OLoRAConfig())
         self.pairs: list[tuple[list[torch.Tensor], nn.Parameter]] = []  # per layer: (old A's, new A)
         self.new_params: list[nn.Parameter] = []  # the new adapter's A and B
+
+    def state_estimate(self, sizes: RunSizes) -> list[StateItem]:
+        return [earlier_adapters(sizes)]
 
     @staticmethod
     def adapter_for(index: int) -> str:

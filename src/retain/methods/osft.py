@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from retain.errors import RetainError
-from retain.methods.base import ContinualMethod, MethodContext
+from retain.methods.base import ContinualMethod, MethodContext, RunSizes, StateItem
 from retain.methods.common.parameter_groups import layer_groups, other_trainable
 from retain.methods.common.subspaces import FrozenSubspace, frozen_rank
 from retain.methods.registry import register
@@ -117,6 +117,14 @@ class OSFT(ContinualMethod):
     """OSFT: each weight matrix learns only outside the top singular subspace it had at the task's start."""
 
     config: OSFTConfig
+    refused_strategies = {
+        "sharded-params": "it takes the SVD of each full weight matrix and constrains the weights in place; "
+        "under FSDP / ZeRO-3 a process holds only a shard of each",
+        "sharded-grads": "it projects each weight's full gradient out of the frozen subspace before the "
+        "update; under FSDP / ZeRO-2/3 a process holds only a shard of each gradient",
+        "deepspeed": "it reads and rewrites param.grad before the step and the weights after it; DeepSpeed "
+        "keeps the reduced gradients in its own buffers and restores the weights from its fp32 master copy",
+    }
 
     def __init__(self, config: OSFTConfig | None = None) -> None:
         super().__init__(config or OSFTConfig())
@@ -124,6 +132,12 @@ class OSFT(ContinualMethod):
         self.frozen: list[nn.Parameter] = []  # parameters this method froze for the current task
         # Per task: the frozen fraction and each matrix's frozen rank (a record; nothing is needed to resume).
         self.history: dict[int, dict[str, Any]] = {}
+
+    def state_estimate(self, sizes: RunSizes) -> list[StateItem]:
+        # FrozenSubspace keeps U (m x k), S (k) and V (k x n) of each matrix; k is largest on the last task.
+        ratio = self.config.ratio(max(sizes.tasks, 1))
+        bases = sum((m + n + 1) * frozen_rank((m, n), ratio) for m, n in sizes.block_matrices)
+        return [StateItem("frozen singular subspaces (U, S, V)", bases)]
 
     def training_data(self, ctx: MethodContext, task: Task, data: list[Example]) -> list[Example]:
         # Decomposed here, once every component of a combination has run its before_task: only then are

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from retain.data.formats import Example
 from retain.errors import RetainError
-from retain.methods.base import MethodContext
+from retain.methods.base import MethodContext, RunSizes, StateItem, example_memory
 from retain.methods.common import pseudo
 from retain.methods.registry import register
 from retain.models.adapters import base_model
@@ -70,6 +70,10 @@ class PseudoReplay(pseudo.DemoRehearsal):
     """Pseudo replay: the model writes samples of earlier tasks from a few stored demos; rehearse them."""
 
     config: PseudoReplayConfig
+    refused_strategies = {
+        "sharded-params": "it generates pseudo samples with the unwrapped model before each task; under "
+        "FSDP / ZeRO-3 a process holds only a shard of each parameter outside the wrapped forward",
+    }
 
     def __init__(self, config: PseudoReplayConfig | None = None) -> None:
         super().__init__(config or PseudoReplayConfig())
@@ -77,6 +81,10 @@ class PseudoReplay(pseudo.DemoRehearsal):
         self.supports_full_finetuning = self.config.generator == "current"
         # The current generator is the model as the task starts: another method switching adapters breaks it.
         self.needs_previous_model_at_start = self.config.generator == "current"
+
+    def state_estimate(self, sizes: RunSizes) -> list[StateItem]:
+        per_task = self.config.memory_per_task or max(sizes.train_examples, default=0)
+        return [example_memory(sizes, per_task * max(sizes.tasks - 1, 0), "pseudo-sample memory")]
 
     def _generate(self, ctx: MethodContext, demos, source: str) -> list[str]:
         options = dict(

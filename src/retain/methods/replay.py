@@ -15,7 +15,7 @@ from typing import Any
 
 from retain.data.formats import Example
 from retain.errors import RetainError
-from retain.methods.base import ContinualMethod, MethodContext
+from retain.methods.base import ContinualMethod, MethodContext, RunSizes, StateItem, example_memory
 from retain.methods.common.memory import draw_evenly, reservoir_sample
 from retain.methods.registry import register
 
@@ -47,6 +47,11 @@ class Replay(ContinualMethod):
     def __init__(self, config: ReplayConfig | None = None) -> None:
         super().__init__(config or ReplayConfig())
         self.memory: dict[str, list[Example]] = {}
+
+    def state_estimate(self, sizes: RunSizes) -> list[StateItem]:
+        c = self.config
+        kept = [c.memory_size or max(1, round(c.memory_ratio * n)) for n in sizes.train_examples]
+        return [example_memory(sizes, sum(kept[:-1]))]  # the last task's memory is never replayed
 
     def _rng(self, ctx: MethodContext, salt: str) -> random.Random:
         return random.Random(f"{self.config.seed}:{ctx.config.seed}:{ctx.task_index}:{salt}")

@@ -279,6 +279,11 @@ class RFT(ContinualMethod):
     """RFT: GRPO on the task's verifiable reward, after rollout-based instance filtering (RIF-RFT)."""
 
     config: RFTConfig
+    refused_strategies = {
+        "sharded-params": "each process samples rollouts of its own prompts with the unwrapped model, "
+        "stopping at its own length; under FSDP / ZeRO-3 every forward needs all processes in step and the "
+        "full parameters",
+    }
     supports_images = False  # the rollout sampler is text-only
 
     def __init__(self, config: RFTConfig | None = None) -> None:

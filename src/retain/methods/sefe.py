@@ -35,7 +35,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from retain.errors import RetainError
-from retain.methods.base import ContinualMethod, MethodContext
+from retain.methods.base import ContinualMethod, MethodContext, RunSizes, StateItem, earlier_adapters
 from retain.methods.registry import register
 from retain.models.adapters import activate_adapters, adapter_names, add_adapter, peft_model, unwrap
 from retain.models.forward import StepOutputs
@@ -128,6 +128,10 @@ class SEFE(ContinualMethod):
     """SEFE's RegLoRA: a fresh LoRA per task, held near zero at earlier tasks' key weight positions."""
 
     config: SEFEConfig
+    refused_strategies = {
+        "sharded-params": "its penalty and key positions read the full LoRA factors B and A of every "
+        "adapter; under FSDP / ZeRO-3 a process holds only a shard of each",
+    }
     supports_full_finetuning = False
     decides_eval_model = True
     adds_adapters = freezes_adapters = True
@@ -139,6 +143,9 @@ class SEFE(ContinualMethod):
         self.covered = 0
         # The current task's penalty terms: (new B, new A, rows, cols) per LoRA matrix with key positions.
         self.terms: list[tuple[nn.Parameter, nn.Parameter, torch.Tensor, torch.Tensor]] = []
+
+    def state_estimate(self, sizes: RunSizes) -> list[StateItem]:
+        return [earlier_adapters(sizes)]
 
     @staticmethod
     def adapter_for(index: int) -> str:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from retain.data.batching import left_pad
 from retain.errors import RetainError
-from retain.methods.base import MethodContext
+from retain.methods.base import MethodContext, RunSizes, StateItem, example_memory
 from retain.methods.common import pseudo
 from retain.methods.registry import register
 from retain.models.adapters import peft_model
@@ -163,11 +163,20 @@ class SSR(pseudo.DemoRehearsal):
     """SSR: the base model synthesizes inputs of earlier tasks, the latest model answers, k-means selects."""
 
     config: SSRConfig
+    refused_strategies = {
+        "sharded-params": "it generates synthetic inputs and answers with the unwrapped model before each "
+        "task; under FSDP / ZeRO-3 a process holds only a shard of each parameter outside the wrapped "
+        "forward",
+    }
     supports_full_finetuning = False  # the base model is the LoRA model with its adapters disabled
     needs_previous_model_at_start = True  # the latest model, as the task starts, writes the outputs
 
     def __init__(self, config: SSRConfig | None = None) -> None:
         super().__init__(config or SSRConfig())
+
+    def state_estimate(self, sizes: RunSizes) -> list[StateItem]:
+        per_task = self.config.memory_per_task or max(sizes.train_examples, default=0)
+        return [example_memory(sizes, per_task * max(sizes.tasks - 1, 0), "pseudo-sample memory")]
 
     def synthesize(self, ctx: MethodContext, source: str) -> list[dict[str, Any]]:
         """Synthesize, select and refine task `source`'s memory; returns one record per candidate."""

@@ -4,6 +4,10 @@ the gradient the optimizer used:
     alpha_t = c (1 + |g_t|_1) / (|theta_t - theta*_{t-1}|_1 |g_t - g_{t-1}|_1),  fallback unless in (0, 1)
     theta*_t = (1 - alpha_t) theta*_{t-1} + alpha_t theta_t      (theta* = theta after the first step)
 and theta <- theta* when the task ends.
+
+Gradients and parameters are read whole (methods/common/sharding.py): under FSDP2 each rank gathers the
+full tensors, so the L1 norms, and hence alpha, are those of the whole tensor, and the EMA copy is whole
+on every rank (one adapter's size); theta* goes back into each rank's shard at the end of the task.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from retain.errors import RetainError
+from retain.methods.common.sharding import full_gradient, full_parameter, set_full_parameter
 
 
 class DynamicEMA:
@@ -43,18 +48,19 @@ class DynamicEMA:
     @torch.no_grad()
     def capture(self, params: dict[str, torch.Tensor]) -> None:
         """Record |g_t|_1 and |g_t - g_{t-1}|_1 of every tensor, then keep g_t as the previous gradient."""
-        if params and all(p.grad is None for p in params.values()):
+        whole = {name: full_gradient(param) for name, param in params.items()}  # gathers when sharded
+        if params and all(g is None for g in whole.values()):
             raise RetainError(
                 "lcia: DEMA needs the gradients of the trainable parameters before the optimizer step, but "
-                "none has one (DeepSpeed ZeRO-1 and above partition them); use DDP or ZeRO-0, or dema: false"
+                "none has one (DeepSpeed ZeRO keeps them in its own buffers); use DDP, or dema: false"
             )
         self.pending = {}
-        names = [n for n, p in params.items() if p.grad is not None]
-        for name in params:
-            if params[name].grad is None:
+        names = [n for n, g in whole.items() if g is not None]
+        for name, grad in whole.items():
+            if grad is None:
                 self.pending[name] = (None, None)
                 self.prev_grad.pop(name, None)
-        grads = [params[n].grad.detach().float() for n in names]
+        grads = [whole[n].detach().float() for n in names]
         grad_l1 = torch._foreach_norm(grads, 1) if grads else []
         seen = [i for i, n in enumerate(names) if n in self.prev_grad]
         changes: dict[int, torch.Tensor] = {}
@@ -75,7 +81,7 @@ class DynamicEMA:
         if not params:
             return
         names = list(params)
-        values = [params[n].detach().float() for n in names]
+        values = [full_parameter(params[n]).float() for n in names]  # gathers when sharded
         self.missing_grad += sum(self.pending[n][0] is None for n in names)
         fresh = [i for i, n in enumerate(names) if n not in self.ema]
         for i in fresh:
@@ -118,9 +124,9 @@ class DynamicEMA:
         with torch.no_grad():
             for name, param in params.items():
                 if keep_raw:
-                    raw[name] = param.detach().float().cpu().clone()
+                    raw[name] = full_parameter(param).float().cpu().clone()
                 if name in self.ema:
-                    param.copy_(self.ema[name].to(param.dtype))
+                    set_full_parameter(param, self.ema[name])
         return raw
 
     def stats(self) -> dict[str, float]:
