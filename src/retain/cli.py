@@ -311,7 +311,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
     if args.strategies:
         from retain.methods.compat import table_markdown
 
-        print(table_markdown(), end="")
+        print(table_markdown(available()), end="")  # registered plugins too
         return 0
 
     table = Table(title="continual-learning methods")

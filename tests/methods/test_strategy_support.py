@@ -163,3 +163,16 @@ def test_a_refused_cell_shows_its_reason_and_a_declared_one_no_check_mark():
     assert cells == [compat.RUN] * len(compat.COLUMNS)  # every column has a run of sequential
     hft = next(line for line in table.splitlines() if line.startswith("| `hft`"))
     assert compat.DECLARED in hft  # DDP only: no run of hft under FSDP or ZeRO
+
+
+def test_a_registered_plugin_shows_in_the_cli_table_but_not_in_the_generated_docs(monkeypatch):
+    from retain.methods import registry
+
+    class Plugin(ContinualMethod):
+        name = "_a_plugin"  # sorts before every built-in: its refusal would take footnote 1
+        refused_strategies = {"multiprocess": "a plugin's own reason, long enough to be a reason"}
+
+    monkeypatch.setitem(registry._METHODS, "_a_plugin", Plugin)
+    assert compat.compatibility_markdown() == (ROOT / "docs" / "compatibility.md").read_text(encoding="utf-8")
+    assert "| `_a_plugin` |" in compat.table_markdown(available())
+    assert "a plugin's own reason" not in compat.table_markdown()

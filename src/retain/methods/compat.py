@@ -101,11 +101,17 @@ def cell(method: type[ContinualMethod], strategy: Strategy) -> Cell:
     return Cell(RUN, f"{run[0]} ({run[1]})") if run else Cell(DECLARED)
 
 
-def _rows() -> tuple[list[list[str]], list[str]]:
+def builtin_methods() -> dict[str, type[ContinualMethod]]:
+    """The methods retain ships: the generated docs leave out plugins and test doubles registered in the
+    same process (they would renumber the footnotes)."""
+    return {name: cls for name, cls in available().items() if cls.__module__.startswith("retain.methods.")}
+
+
+def _rows(methods: dict[str, type[ContinualMethod]]) -> tuple[list[list[str]], list[str]]:
     """The table's rows (method, then one mark per column) and its footnotes (each distinct reason once)."""
     notes: list[str] = []
     rows = []
-    for name, method in available().items():
+    for name, method in methods.items():
         row = [f"`{name}`"]
         for _, strategy in COLUMNS:
             found = cell(method, strategy)
@@ -129,9 +135,10 @@ LEGEND = (
 )
 
 
-def table_markdown() -> str:
-    """The table, its legend and its footnotes (the README's block)."""
-    rows, notes = _rows()
+def table_markdown(methods: dict[str, type[ContinualMethod]] | None = None) -> str:
+    """The table, its legend and its footnotes (the README's block): of `methods`, by default the built-in
+    ones."""
+    rows, notes = _rows(builtin_methods() if methods is None else methods)
     header = ["method", *(label for label, _ in COLUMNS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
