@@ -6,6 +6,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 from typing import Any
 
 import torch
@@ -60,3 +62,16 @@ def quiet_libraries() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def launch(processes: int, threads: int, arguments: list[str], what: str) -> subprocess.CompletedProcess:
+    """Run `python arguments...` in `processes` fresh processes (torchrun beyond one), `threads` threads
+    each; exits with the stderr's tail naming `what` when it fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    proc = subprocess.run([*launcher, *arguments], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.exit(f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc

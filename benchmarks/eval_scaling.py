@@ -27,13 +27,12 @@ import argparse
 import filecmp
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
 import torch
-from _common import machine, median, print_table, quiet_libraries, write_json
+from _common import launch, machine, median, print_table, quiet_libraries, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "examples", "quickstart.yaml")
@@ -98,17 +97,9 @@ def worker(args: argparse.Namespace) -> None:
 def run_side(args: argparse.Namespace, processes: int, out: str) -> dict:
     """One side in fresh processes; returns its timing.json."""
     threads = args.threads if processes == 1 else 1
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
-    launcher = [sys.executable]
-    if processes > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     options = ["--worker", "--out", out, "--config", args.config, "--threads", str(threads)]
     options += ["--test-size", str(args.test_size)] + (["--model", args.model] if args.model else [])
-    proc = subprocess.run(
-        [*launcher, os.path.abspath(__file__), *options], capture_output=True, text=True, env=env
-    )
-    if proc.returncode != 0:
-        sys.exit(f"{processes}-process side failed:\n{proc.stderr[-3000:]}")
+    launch(processes, threads, [os.path.abspath(__file__), *options], f"{processes}-process side")
     with open(os.path.join(out, "timing.json"), encoding="utf-8") as handle:
         return json.load(handle)
 

@@ -26,11 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
-from _common import machine, print_table, write_json
+from _common import launch, machine, print_table, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "examples", "quickstart.yaml")
@@ -45,10 +44,6 @@ def run_side(args: argparse.Namespace, side: str, out: str) -> dict:
     """One whole run in fresh processes; returns its results.json."""
     processes = 1 if side == "single" else 2
     threads = args.threads if processes == 1 else 1
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
-    launcher = [sys.executable]
-    if processes > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     overrides = ["train.bf16=false", "train.global_batch_size=8", f"output_dir={out}", *SIDES[side]]
     if args.model:
         overrides += [f"model.name_or_path={args.model}", "model.lora_layers=all"]
@@ -56,14 +51,7 @@ def run_side(args: argparse.Namespace, side: str, out: str) -> dict:
         overrides.append(f"train.max_steps={args.steps}")
     if args.test_size:
         overrides.append(f"stream.test_size={args.test_size}")
-    proc = subprocess.run(
-        [*launcher, "-m", "retain.cli", "run", args.config, *overrides],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    if proc.returncode != 0:
-        sys.exit(f"{side} side failed:\n{proc.stderr[-3000:]}")
+    launch(processes, threads, ["-m", "retain.cli", "run", args.config, *overrides], f"{side} side")
     with open(os.path.join(out, "results.json"), encoding="utf-8") as handle:
         return json.load(handle)
 

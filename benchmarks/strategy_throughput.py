@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 import torch
-from _common import machine, print_table, quiet_libraries, write_json
+from _common import launch, machine, print_table, quiet_libraries, write_json
 
 SIDES = ("single", "ddp", "fsdp")
 
@@ -141,18 +140,11 @@ def _run_side(side: str, args: argparse.Namespace) -> dict:
     options = ["--worker", side, "--out", os.path.join(args.out, side)]
     for name in ("hidden", "layers", "steps", "warmup", "batch", "length"):
         options += [f"--{name}", str(getattr(args, name))]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if side == "single":
-        cmd = [sys.executable, script, *options, "--threads", str(args.threads)]
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-        cmd += [script, *options, "--threads", "1"]
-        env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    processes, threads = (1, args.threads) if side == "single" else (2, 1)
+    proc = launch(processes, threads, [script, *options, "--threads", str(threads)], side)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.exit(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    if not lines:
+        sys.exit(f"{side} printed no RESULT line:\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT ") :])
 
 
