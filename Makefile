@@ -35,11 +35,12 @@ $(BROWSER): | $(STAMP)
 test: $(STAMP) $(BROWSER)
 	$(BIN)/pytest
 
-# The whole strategy x method matrix (tens of minutes of torchrun jobs on 2 cores), DeepSpeed ZeRO included:
-# `make test` runs one case of each mechanism and skips the rest (tests marked matrix).
+# The whole strategy x method matrix (tens of minutes of torchrun jobs on 2 cores), DeepSpeed ZeRO included,
+# and every accepted pair of combined methods: `make test` runs one case of each mechanism and skips the rest
+# (tests marked matrix).
 test-matrix: $(STAMP)
 	$(BIN)/pip install -q -e '.[dev,trackers,deepspeed]'
-	RETAIN_TEST_MATRIX=1 $(BIN)/pytest -m distributed
+	RETAIN_TEST_MATRIX=1 $(BIN)/pytest -m "distributed or matrix"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

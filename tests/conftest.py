@@ -18,7 +18,9 @@ from .helpers import SHARED_DATA  # noqa: E402
 
 # The full strategy x method matrix (every method under DDP, every gradient-reading method's state under
 # DDP, FSDP resume after SIGKILL, DeepSpeed ZeRO where installed) takes tens of minutes of torchrun jobs on
-# two cores; `make test` runs one case of each mechanism and `make test-matrix` runs them all.
+# two cores, and every accepted pair of combined methods (tests/methods/test_combine.py) a few minutes more;
+# `make test` runs one case of each mechanism (each method in each role of a pair once) and
+# `make test-matrix` runs them all.
 FULL_MATRIX = os.environ.get("RETAIN_TEST_MATRIX") == "1"
 
 

@@ -26,6 +26,31 @@ RETAIN = [sys.executable, "-m", "retain.cli"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
+def join_gloo(rank: int, world: int, init_file: str) -> None:
+    """Join a spawned worker to a `world`-process gloo group through `init_file`, one thread each."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+
+
+def count_generated_prompts() -> list[int]:
+    """Make the evaluator's `generate` record how many prompts each call answers; returns that record.
+    For a spawned worker only: the wrapper is never removed."""
+    import retain.engine.evaluate as evaluate_module
+
+    generated: list[int] = []
+    real_generate = evaluate_module.generate
+
+    def counted(model, tokenizer, prompts, **options):
+        generated.append(len(prompts))
+        return real_generate(model, tokenizer, prompts, **options)
+
+    evaluate_module.generate = counted
+    return generated
+
+
 def tiny_config(tmp_path, method: str = "sequential", params: dict | None = None, **sections) -> dict:
     """A 2-task stream on the tiny random model that trains in about a second."""
     raw = {

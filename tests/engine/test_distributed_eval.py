@@ -10,11 +10,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import retain.engine.evaluate as evaluate_module
 from retain.cli import main
 from retain.config import config_from_dict
 from retain.data.streams import build_stream
@@ -24,7 +22,7 @@ from retain.methods.base import ContinualMethod, MethodContext
 from retain.models.adapters import apply_finetuning
 from retain.models.tiny import tiny_model, tiny_tokenizer
 
-from ..helpers import AlternatingRoutes, tiny_config, write_config
+from ..helpers import AlternatingRoutes, count_generated_prompts, join_gloo, tiny_config, write_config
 
 # (name, method, eval.mode): a plain method, per-instance routes, and routes with ranked labels.
 CASES = [("plain", ContinualMethod, "generate"), ("routed", AlternatingRoutes, "generate")]
@@ -74,16 +72,8 @@ def _evaluate_cases(ctx, tasks, folder: pathlib.Path, all_processes: bool) -> di
 
 
 def _eval_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    generated = []  # prompts this process generated answers for
-    real_generate = evaluate_module.generate
-
-    def counted(model, tokenizer, prompts, **options):
-        generated.append(len(prompts))
-        return real_generate(model, tokenizer, prompts, **options)
-
-    evaluate_module.generate = counted  # a spawned process of its own: nothing to restore
+    join_gloo(rank, world, init_file)
+    generated = count_generated_prompts()  # prompts this process generated answers for
     try:
         out = pathlib.Path(out_dir)
         ctx, tasks = _context(out / f"context{rank}")

@@ -27,14 +27,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-import retain.engine.evaluate as evaluate_module
 from retain.config import config_from_dict
 from retain.engine.evaluate import evaluate_row
 from retain.engine.loop import run_experiment
 from retain.engine.trainer import _MethodHooks
 from retain.methods.base import ContinualMethod
 
-from ..helpers import tiny_config, tiny_context, write_config
+from ..helpers import count_generated_prompts, join_gloo, tiny_config, tiny_context, write_config
 
 pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("torchrun")]
 
@@ -242,16 +241,8 @@ def test_under_deepspeed_the_method_sees_the_gradients_before_the_engine_steps()
 
 
 def _lockstep_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    generated = []
-    real_generate = evaluate_module.generate
-
-    def counted(model, tokenizer, prompts, **options):
-        generated.append(len(prompts))
-        return real_generate(model, tokenizer, prompts, **options)
-
-    evaluate_module.generate = counted  # a spawned process of its own: nothing to restore
+    join_gloo(rank, world, init_file)
+    generated = count_generated_prompts()  # prompts this process generated answers for
     try:
         out = pathlib.Path(out_dir)
         ctx, tasks = tiny_context(out / f"context{rank}")

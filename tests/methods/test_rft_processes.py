@@ -9,7 +9,6 @@ import json
 import pathlib
 
 import pytest
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -17,7 +16,7 @@ from retain.data.encode import encode_prompt
 from retain.methods import rft
 from retain.methods.rft import RFT, RFTConfig
 
-from ..helpers import tiny_context
+from ..helpers import join_gloo, tiny_context
 
 pytestmark = [pytest.mark.distributed, pytest.mark.xdist_group("torchrun")]
 INSTANCES = 6
@@ -54,8 +53,7 @@ def _filter(folder: pathlib.Path, rank: int, world: int) -> dict:
 
 
 def _worker(rank: int, world: int, init_file: str, folder: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    join_gloo(rank, world, init_file)
     try:
         result = _filter(pathlib.Path(folder), rank, world)
         (pathlib.Path(folder) / f"rank{rank}.json").write_text(json.dumps(result))

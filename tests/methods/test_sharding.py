@@ -22,6 +22,8 @@ from retain.methods.common.sharding import (
 )
 from retain.methods.migu import mask_rows
 
+from ..helpers import join_gloo
+
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
@@ -82,8 +84,7 @@ def _scenario(model: nn.Module) -> dict:
 def _fsdp_worker(rank: int, world: int, init_file: str, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    join_gloo(rank, world, init_file)
     try:
         model = _model()
         fully_shard(model)
