@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -64,14 +65,32 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def launch(processes: int, threads: int, arguments: list[str], what: str) -> subprocess.CompletedProcess:
+def launch(
+    processes: int, threads: int, arguments: list[str], what: str, timeout: float | None = None
+) -> subprocess.CompletedProcess:
     """Run `python arguments...` in `processes` fresh processes (torchrun beyond one), `threads` threads
-    each; exits with the stderr's tail naming `what` when it fails."""
+    each; exits with the stderr's tail naming `what` when it fails, or when it outlives `timeout` seconds
+    (a hung collective would otherwise hang the benchmark)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    proc = subprocess.run([*launcher, *arguments], capture_output=True, text=True, env=env)
+    # A session of its own, so that a timeout can stop torchrun's workers too, not only torchrun.
+    child = subprocess.Popen(
+        [*launcher, *arguments],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        stdout, stderr = child.communicate()
+        sys.exit(f"{what} did not finish within {timeout:.0f} s:\n{stderr[-3000:]}")
+    proc = subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
     if proc.returncode != 0:
         sys.exit(f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc

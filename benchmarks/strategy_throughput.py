@@ -141,7 +141,7 @@ def _run_side(side: str, args: argparse.Namespace) -> dict:
     for name in ("hidden", "layers", "steps", "warmup", "batch", "length"):
         options += [f"--{name}", str(getattr(args, name))]
     processes, threads = (1, args.threads) if side == "single" else (2, 1)
-    proc = launch(processes, threads, [script, *options, "--threads", str(threads)], side)
+    proc = launch(processes, threads, [script, *options, "--threads", str(threads)], side, timeout=1800)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
         sys.exit(f"{side} printed no RESULT line:\n{proc.stderr[-3000:]}")
