@@ -78,7 +78,7 @@ def test_the_plan_resolves_the_strategy_from_train_deepspeed(tmp_path, monkeypat
 # Methods the torchrun tests of tests/engine/test_distributed.py do not run (they run replay, olora, ilora,
 # lcia, clmoe, gem and sequential); abscl refuses more than one process. compat.VERIFIED names this test.
 OTHER_DDP_METHODS = [
-    "multitask", "lwf", "hft", "lines", "merge", "moelora", "osft", "sefe", "gere", "conpet", "lamol",
+    "multitask", "lwf", "hft", "lines", "merge", "moelora", "osft", "coso", "sefe", "gere", "conpet", "lamol",
     "pseudo_replay", "ssr", "rft", "ewc", "agem", "migu",
 ]  # fmt: skip
 # Generation-based methods sized down (as tests/engine/test_loop.py does): the tiny model never stops.

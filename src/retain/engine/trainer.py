@@ -106,6 +106,12 @@ class ContinualTrainer(Trainer):
         super().create_accelerator_and_postprocess()
         promote_cpu_fsdp(self)  # accelerate keeps DDP on CPU process groups even when FSDP is asked for
 
+    def create_optimizer(self, model=None):
+        # A method may bring its own optimizer (CoSO's projected Adam); the schedule is still the Trainer's.
+        if self.optimizer is None:
+            self.optimizer = self.method.create_optimizer(self.ctx, self.args)
+        return self.optimizer if self.optimizer is not None else super().create_optimizer(model)
+
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
         """The response tokens of one optimizer step: over its micro-batches and, summed, every process.
 

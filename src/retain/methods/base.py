@@ -26,6 +26,8 @@ from retain.models.forward import StepOutputs, response_forward
 from retain.runtime import STRATEGIES, STRATEGY_FAMILIES, Strategy
 
 if TYPE_CHECKING:
+    from transformers import TrainingArguments
+
     from retain.config import RunConfig
     from retain.data.streams import Task
 
@@ -243,6 +245,13 @@ class ContinualMethod:
     def loss(self, ctx: MethodContext, model: nn.Module, batch: dict, outputs: StepOutputs) -> torch.Tensor:
         """The total loss of one micro-batch; the trainer divides it by the accumulation steps."""
         return outputs.loss
+
+    def create_optimizer(self, ctx: MethodContext, args: TrainingArguments) -> torch.optim.Optimizer | None:
+        """The optimizer of the task about to train (its learning rate, betas, epsilon and weight decay from
+        `args`; the Trainer's schedule and clipping still apply), or None for the Trainer's own
+        (`train.optim`). Called after `training_data`. At most one component of a combination overrides it.
+        """
+        return None
 
     def before_optimizer_step(self, ctx: MethodContext, model: nn.Module) -> None:
         """Once per optimizer step, on the accumulated gradient, before clipping and the update."""

@@ -9,6 +9,7 @@ Refused when the config is read, with the reason:
 - a method cannot be combined with itself.
 - at most one component may decide which model answers at evaluation (`decides_eval_model`: the
   adapter, EMA and routing methods); two of them would fight over the active adapters.
+- at most one component may bring its own optimizer (`create_optimizer`: coso).
 - a component whose needs another component breaks (`CONFLICTS`, from the capability flags in
   methods/base.py): the generation-based rehearsal methods (lamol, ssr) generate from the model a task
   starts from, which the adapter-switching methods (conpet, abscl, lcia) replace at the start of a task.
@@ -32,6 +33,8 @@ from retain.methods.base import ContinualMethod, MethodContext, RunSizes, StateI
 from retain.models.forward import StepOutputs
 
 if TYPE_CHECKING:
+    from transformers import TrainingArguments
+
     from retain.data.streams import Task
 
 
@@ -46,6 +49,11 @@ CONFLICTS: list[tuple[str, str, str]] = [
     ),
 ]
 FLAGS = ("adds_adapters", "freezes_adapters", "switches_adapters", "needs_previous_model_at_start")
+
+
+def overrides(method: ContinualMethod, hook: str) -> bool:
+    """Whether `method`'s class replaces the base class's `hook`."""
+    return getattr(type(method), hook) is not getattr(ContinualMethod, hook)
 
 
 def check_needs(components: list[ContinualMethod]) -> None:
@@ -78,6 +86,12 @@ class Combined(ContinualMethod):
             raise RetainError(
                 f"config: {' and '.join(shaping)} both decide which adapters answer at evaluation; "
                 "combine at most one of them with regularization or rehearsal methods"
+            )
+        optimizers = [c.name for c in components if overrides(c, "create_optimizer")]
+        if len(optimizers) > 1:
+            raise RetainError(
+                f"config: {' and '.join(optimizers)} both bring their own optimizer; combine at most one of "
+                "them with other methods"
             )
         check_needs(components)
         self._components = components
@@ -112,6 +126,9 @@ class Combined(ContinualMethod):
         for c in self.components:
             total = total + (c.loss(ctx, model, batch, outputs) - outputs.loss)
         return total
+
+    def create_optimizer(self, ctx: MethodContext, args: TrainingArguments) -> torch.optim.Optimizer | None:
+        return next((o for c in self.components if (o := c.create_optimizer(ctx, args)) is not None), None)
 
     def before_optimizer_step(self, ctx: MethodContext, model: nn.Module) -> None:
         for c in self.components:

@@ -62,6 +62,7 @@ VERIFIED: dict[str, dict[str, tuple[str, str]]] = {
                 "merge",
                 "moelora",
                 "osft",
+                "coso",
                 "sefe",
                 "gere",
                 "conpet",

@@ -58,3 +58,60 @@ class FrozenSubspace:
         d = delta.float()
         inside = d - self.project_out(d)
         return float(inside.norm() / d.norm().clamp(min=torch.finfo(torch.float32).tiny))
+
+
+def top_left_directions(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top `rank` left singular vectors of `matrix` (columns) and their singular values, fp32 SVD."""
+    u, s, _ = torch.linalg.svd(matrix.float(), full_matrices=False)
+    return u[:, :rank], s[:rank]
+
+
+class FrequentDirections:
+    """A Frequent Directions sketch (Liberty, 2013; Ghashami et al., 2016) of the column space of a stream
+    of matrices A_1, A_2, ... (each d x n_t), kept as B (d x ell) with B B^T ~ sum_t A_t A_t^T.
+
+    Each update appends the new columns, takes the SVD of [B, A_t] and shrinks every squared singular value
+    by the (ell + 1)-th one, which keeps 0 <= A A^T - B B^T and ||A A^T - B B^T||_2 <= ||A - A_k||_F^2 /
+    (ell - k) for every k < ell (A: all the columns seen). `add` takes A_t already reduced to its top
+    directions (U_r S_r, as CoSO feeds it) or whole.
+    """
+
+    def __init__(self, dim: int, ell: int) -> None:
+        self.ell = min(ell, dim)
+        self.sketch = torch.zeros(dim, 0)
+
+    def add(self, columns: torch.Tensor) -> None:
+        stacked = torch.cat([self.sketch.to(columns.device), columns.float()], dim=1)
+        u, s, _ = torch.linalg.svd(stacked, full_matrices=False)
+        if s.numel() > self.ell:
+            shrink = s[self.ell] ** 2
+            s = torch.sqrt(torch.clamp(s[: self.ell] ** 2 - shrink, min=0.0))
+            u = u[:, : self.ell]
+        self.sketch = u * s
+
+    def directions(self, energy: float) -> torch.Tensor:
+        """The sketch's leading left singular vectors that hold less than `energy` of its squared mass:
+        U[:, :k] with k = #{i : sum_{j <= i} s_j^2 / sum_j s_j^2 < energy} (GPM's and CoSO's rule)."""
+        u, s, _ = torch.linalg.svd(self.sketch, full_matrices=False)
+        mass = s**2
+        total = mass.sum()
+        if total <= 0:
+            return u[:, :0]
+        k = int((torch.cumsum(mass, dim=0) / total < energy).sum())
+        return u[:, :k]
+
+
+def extend_orthonormal_basis(
+    basis: torch.Tensor, directions: torch.Tensor, tol: float = 1e-3
+) -> torch.Tensor:
+    """[basis, Q]: `directions` with their part in span(basis) removed, orthonormalised (QR), and those left
+    with less than `tol` of their length dropped (already covered by the basis)."""
+    basis = basis.to(directions.device).float()
+    if directions.shape[1] == 0:
+        return basis
+    rest = directions.float()
+    if basis.shape[1]:
+        rest = rest - basis @ (basis.T @ rest)
+    q, r = torch.linalg.qr(rest)
+    keep = r.diagonal().abs() > tol
+    return torch.cat([basis, q[:, keep]], dim=1)
