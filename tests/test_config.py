@@ -85,6 +85,18 @@ def test_every_example_config_loads():
         load_config(path)
 
 
+def test_the_study_sweeps_every_built_in_method():
+    import os
+
+    from retain.methods.compat import builtin_methods
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "study_lnt.yaml")
+    with open(path, encoding="utf-8") as handle:
+        methods = yaml.safe_load(handle)["sweep"]["methods"]
+    names = [m if isinstance(m, str) else m["name"] for m in methods]
+    assert sorted(names) == sorted(builtin_methods())
+
+
 def test_scheduler_names_are_transformers_scheduler_types():
     import typing
 
