@@ -222,6 +222,21 @@ def test_target_modules_select_the_layers_and_freeze_the_rest(tmp_path):
         CoSO(CoSOConfig(target_modules=["no_such_layer"])).training_data(ctx, tasks[0], tasks[0].train)
 
 
+def test_train_other_params_steps_the_rest_with_plain_adamw(tmp_path):
+    ctx, tasks = tiny_context(tmp_path, "coso")
+    before = trainable_parameters(ctx.model)
+    method = CoSO(CoSOConfig(target_modules=["o_proj"], train_other_params=True))
+    method.training_data(ctx, tasks[0], tasks[0].train)
+    assert set(trainable_parameters(ctx.model)) == set(before)  # nothing frozen
+    trainer = train_one_task(ctx, tasks, method, tmp_path / "t", max_steps=1)
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    targets, rest = optimizer.param_groups
+    assert len(targets["params"]) == len(method.targets) and len(rest["params"]) == len(before) - len(
+        method.targets
+    )
+    assert all(optimizer.state[p]["exp_avg"].shape == p.shape for p in rest["params"])  # full-size moments
+
+
 def test_the_trainer_steps_with_cosos_optimizer_also_in_a_combination(tmp_path):
     ctx, tasks = tiny_context(tmp_path, "coso")
     method = create_method("coso", {**SMALL, "plus": ["ewc"]})
