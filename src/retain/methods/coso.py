@@ -133,6 +133,7 @@ class SubspaceTarget:
         self.proj_rank = min(config.proj_rank, rows, cols)
         self.sketch_rank = min(config.sketch_rank, rows, cols)
         self.history = history if history is not None else torch.zeros(self.dim, 0)
+        # A step adds at most min(rows, cols) directions; the sketch gathers up to sketch_rank per task.
         self.sketch = FrequentDirections(self.dim, config.sketch_rank)
         self.projector: torch.Tensor | None = None  # dim x proj_rank
 
