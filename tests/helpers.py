@@ -81,9 +81,10 @@ def tiny_config(tmp_path, method: str = "sequential", params: dict | None = None
     return raw
 
 
-def tiny_context(tmp_path, method: str = "sequential", params: dict | None = None):
-    """(ctx, tasks) with a LoRA-wrapped tiny model, as the loop builds them."""
-    config = config_from_dict(tiny_config(tmp_path, method, params))
+def tiny_context(tmp_path, method: str = "sequential", params: dict | None = None, **sections):
+    """(ctx, tasks) with the tiny model (LoRA-wrapped unless `model` says otherwise), as the loop builds them;
+    `sections` override tiny_config's."""
+    config = config_from_dict(tiny_config(tmp_path, method, params, **sections))
     tokenizer = tiny_tokenizer()
     model = apply_finetuning(tiny_model(tokenizer), config.model)
     tasks = build_stream(config)

@@ -14,7 +14,7 @@ from retain.models.adapters import adapter_names, adapter_state, apply_finetunin
 from retain.models.tiny import tiny_model, tiny_tokenizer
 from retain.runtime import Strategy
 
-from ..helpers import tiny_config, tiny_context
+from ..helpers import tiny_config, tiny_context, train_one_task
 
 
 def test_meta_device_counts_equal_the_real_lora_model(tmp_path):
@@ -174,3 +174,24 @@ def test_a_combination_reports_each_components_state_under_its_name(tmp_path):
         "lwf: teacher: a copy of the trainable weights",
     ]
     assert lines[1].bytes == COUNTS.trainable * 4
+
+
+@pytest.mark.parametrize("finetuning_type", ["full", "lora"])
+@pytest.mark.parametrize("train_other_params", [False, True])
+def test_cosos_reported_optimizer_state_equals_its_real_one(tmp_path, finetuning_type, train_other_params):
+    # coso's Adam keeps its moments in the r1 coordinates: the estimate must not count AdamW's 2 per weight.
+    params = {"proj_rank": 4, "sketch_rank": 12, "train_other_params": train_other_params}
+    ctx, tasks = tiny_context(tmp_path, "coso", params, model={"finetuning_type": finetuning_type})
+    method = create_method("coso", params)
+    method.setup(ctx)
+    method.before_task(ctx, tasks[0])
+    method.training_data(ctx, tasks[0], tasks[0].train)
+    trainer = train_one_task(ctx, tasks, method, tmp_path / "t", max_steps=1)
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    real = sum(s[k].numel() for s in optimizer.state.values() for k in ("exp_avg", "exp_avg_sq"))
+    counts = count_parameters(ctx.config)
+    reported = method.optimizer_state_estimate(_sizes(ctx, counts, tasks))
+    assert reported.numel == real > 0
+    assert real < 2 * counts.trainable or train_other_params  # well under AdamW's share
+    line = estimate_memory(ctx.config, Strategy("single"), method, counts, [32]).lines[3]
+    assert line.what.startswith("optimizer state (coso") and line.bytes == reported.bytes

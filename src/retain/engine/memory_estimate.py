@@ -8,7 +8,8 @@ et al., SC 2020, Fig. 1; PyTorch FSDP, Zhao et al., VLDB 2023):
   fine-tuning's trainable weights in model.dtype; divided over the processes when parameters are sharded
   (FSDP, ZeRO-3);
 - gradients: one per trainable parameter in its dtype; divided when gradients are sharded (FSDP, ZeRO-2/3);
-- optimizer state: AdamW keeps 2 moments per trainable parameter (in its dtype); divided when the
+- optimizer state: AdamW keeps 2 moments per trainable parameter (in its dtype), or what a method that brings
+  its own optimizer reports (ContinualMethod.optimizer_state_estimate); divided when the
   optimizer is sharded (FSDP, ZeRO-1/2/3); offload moves it to CPU RAM (FSDP's offload moves weights and
   gradients too);
 - method state: what the method reports (ContinualMethod.state_estimate), not sharded (methods keep full
@@ -169,6 +170,16 @@ def estimate_memory(
 
     fsdp_offload = strategy.offload and strategy.name == "fsdp"
     states = OPTIMIZER_STATES.get(config.train.optim, 2)
+    sizes = RunSizes(
+        total_params=counts.total,
+        trainable_params=counts.trainable,
+        hidden_size=counts.hidden_size,
+        layers=counts.layers,
+        train_examples=train_examples,
+        cutoff_len=config.train.cutoff_len,
+        block_matrices=counts.block_matrices,
+    )
+    optimizer = method.optimizer_state_estimate(sizes)
     lines = [
         MemoryLine(
             f"weights ({frozen:,} frozen, {str(weights_dtype(config.model.dtype))[6:]})",
@@ -186,20 +197,16 @@ def estimate_memory(
             not fsdp_offload,
         ),
         MemoryLine(
-            f"optimizer state ({config.train.optim}: {states} per trainable parameter)",
-            shard(states * counts.trainable * trainable_bytes, strategy.shards_optimizer),
+            optimizer.what
+            if optimizer
+            else f"optimizer state ({config.train.optim}: {states} per trainable parameter)",
+            shard(
+                optimizer.bytes if optimizer else states * counts.trainable * trainable_bytes,
+                strategy.shards_optimizer,
+            ),
             not strategy.offload,
         ),
     ]
-    sizes = RunSizes(
-        total_params=counts.total,
-        trainable_params=counts.trainable,
-        hidden_size=counts.hidden_size,
-        layers=counts.layers,
-        train_examples=train_examples,
-        cutoff_len=config.train.cutoff_len,
-        block_matrices=counts.block_matrices,
-    )
     lines += [_method_line(method, item) for item in method.state_estimate(sizes)]
     return MemoryEstimate(strategy, lines)
 

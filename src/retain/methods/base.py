@@ -232,6 +232,11 @@ class ContinualMethod:
         Sizes only: no weights are loaded. The default is no state (plain fine-tuning)."""
         return []
 
+    def optimizer_state_estimate(self, sizes: RunSizes) -> StateItem | None:
+        """The state of the optimizer this method brings (`create_optimizer`), for the dry run's estimate in
+        place of `train.optim`'s; None when the Trainer's optimizer is used (the default)."""
+        return None
+
     def setup(self, ctx: MethodContext) -> None:
         """Once, after the model is loaded and wrapped."""
 

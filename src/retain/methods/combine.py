@@ -162,6 +162,10 @@ class Combined(ContinualMethod):
             for item in c.state_estimate(sizes)
         ]
 
+    def optimizer_state_estimate(self, sizes: RunSizes) -> StateItem | None:
+        estimates = (c.optimizer_state_estimate(sizes) for c in self.components)
+        return next((e for e in estimates if e is not None), None)
+
     def state_dict(self) -> dict[str, Any]:
         return {c.name: c.state_dict() for c in self.components}
 

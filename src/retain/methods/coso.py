@@ -250,6 +250,19 @@ class CoSO(ContinualMethod):
             StateItem("gradient sketch and projector of the task in training", sketches),
         ]
 
+    def optimizer_state_estimate(self, sizes: RunSizes) -> StateItem | None:
+        # Adam's two moments live in the r1 coordinates: 2 x r1 x (shorter side) per target matrix, against
+        # 2 x m x n for AdamW. Every block matrix is counted (a target_modules subset uses less).
+        moments = sum(2 * min(self.config.proj_rank, m, n) * min(m, n) for m, n in sizes.block_matrices)
+        others = sizes.trainable_params - sum(m * n for m, n in sizes.block_matrices)
+        if self.config.train_other_params:
+            return StateItem(
+                "optimizer state (coso's projected Adam; plain AdamW on the rest)", moments + 2 * others
+            )
+        return StateItem(
+            "optimizer state (coso's projected Adam: 2 moments of r1 x shorter side per matrix)", moments
+        )
+
     def _selected(self, module: str) -> bool:
         return not self.config.target_modules or any(module.endswith(t) for t in self.config.target_modules)
 
