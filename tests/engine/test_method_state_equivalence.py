@@ -45,6 +45,7 @@ CASES: dict[str, dict[str, Any]] = {
     "migu": {"ratio": 0.5},  # gradient masks from output magnitudes (summed over ranks)
     "olora": {"lamda_1": 0.5, "lamda_2": 0.1},  # penalties on the parameters
     "lcia": {"dema_on_new_group": True},  # DEMA on every task: alpha from gradients and parameters
+    "coso": {"proj_rank": 4, "sketch_rank": 12},  # SVD of the reduced gradient, sketch, bases
 }
 
 
