@@ -1,15 +1,20 @@
-"""The batch layout (how a step's examples split over processes and gradient accumulation) and the
-strategy a run trains under."""
+"""The batch layout (how a step's examples split over processes and gradient accumulation), the
+strategy a run trains under, and the heap a run keeps out of the garbage collector."""
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 import pytest
 
 from retain.config import RunConfig, TrainConfig, config_from_dict
+from retain.engine.loop import run_experiment
 from retain.errors import RetainError
-from retain.runtime import STRATEGIES, Strategy, batch_layout, resolve_strategy
+from retain.runtime import STRATEGIES, Strategy, batch_layout, frozen_heap, resolve_strategy
+
+from .helpers import tiny_config
 
 
 def test_without_a_global_batch_each_process_adds_its_per_device_batch():
@@ -174,3 +179,52 @@ def test_strategy_settings_are_checked_when_the_config_is_read(tmp_path, train, 
     raw = {"stream": {"tasks": ["synthetic:parity"]}, "train": train}
     with pytest.raises(RetainError, match=message):
         config_from_dict(raw)
+
+
+class _Node:
+    pass
+
+
+@pytest.fixture
+def unfrozen():
+    """The heap as a fresh process has it: the session's freeze (conftest) lifted, put back after."""
+    gc.unfreeze()
+    try:
+        yield
+    finally:
+        gc.collect()
+        gc.freeze()
+
+
+def test_frozen_heap_collects_garbage_then_freezes_the_rest_until_exit(unfrozen):
+    garbage = _Node()
+    garbage.self = garbage  # a cycle: only the collector frees it
+    collected = weakref.ref(garbage)
+    del garbage
+    alive = _Node()
+    with frozen_heap():
+        assert collected() is None  # freed on entry, not frozen
+        frozen = gc.get_freeze_count()
+        assert frozen > 1000 and not any(o is alive for o in gc.get_objects(generation=2))
+        with frozen_heap():  # nested: leaves the outer freeze alone
+            pass
+        assert gc.get_freeze_count() == frozen
+    assert gc.get_freeze_count() == 0  # handed back: a notebook's later collections see them again
+
+
+def test_a_runs_full_collections_do_not_walk_what_was_alive_at_its_start(tmp_path, unfrozen):
+    # The Trainer forces a full collection after every task; each must find the startup heap frozen.
+    seen = []
+
+    def record(phase, info):
+        if phase == "start" and info["generation"] == 2:
+            seen.append(gc.get_freeze_count())
+
+    gc.callbacks.append(record)
+    try:
+        run_experiment(config_from_dict(tiny_config(tmp_path)), evaluate=False)
+    finally:
+        gc.callbacks.remove(record)
+    during = seen[1:]  # the first is frozen_heap's own collection on entry
+    assert len(during) >= 2 and all(count > 1000 for count in during), seen
+    assert gc.get_freeze_count() == 0

@@ -39,6 +39,7 @@ from retain.runtime import (
     BatchLayout,
     Strategy,
     batch_layout,
+    frozen_heap,
     process_state,
     resolve_strategy,
     use_bf16,
@@ -292,6 +293,11 @@ def _results(plan: Plan, state: RunState) -> dict:
 
 def run_experiment(config: RunConfig, *, train: bool = True, evaluate: bool = True) -> dict | None:
     """Run (or resume) the whole stream; returns results.json's content when evaluation ran."""
+    with frozen_heap():
+        return _run_experiment(config, train=train, evaluate=evaluate)
+
+
+def _run_experiment(config: RunConfig, *, train: bool, evaluate: bool) -> dict | None:
     wall = time.perf_counter()
     plan = make_plan(config)
     check_encoding(plan, *load_encoders(config.model.name_or_path, config.model.trust_remote_code))
