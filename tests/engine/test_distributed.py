@@ -39,13 +39,11 @@ def _torchrun(config: str) -> subprocess.CompletedProcess:
 
 
 # sequential runs in test_a_global_batch_size_keeps_the_step_size_under_two_processes and EWC's Fisher in
-# test_the_fisher_is_all_reduced_so_two_ranks_match_one_process; these cover the other kinds of state.
-# GEM's and LCIA's state is compared with one process's in test_method_state_equivalence (make test), so
-# their plain runs here belong to the matrix.
-IN_MATRIX = [pytest.param(m, marks=pytest.mark.matrix) for m in ("lcia", "gem")]
-
-
-@pytest.mark.parametrize("method", ["replay", "olora", "ilora", "clmoe", *IN_MATRIX])
+# test_the_fisher_is_all_reduced_so_two_ranks_match_one_process; GEM's and LCIA's state is compared with one
+# process's in test_method_state_equivalence (make test). These plain runs, like the other methods' in
+# tests/methods/test_strategy_support.py, belong to the matrix: about 30 s of two cores each.
+@pytest.mark.matrix
+@pytest.mark.parametrize("method", ["replay", "olora", "ilora", "clmoe", "lcia", "gem"])
 def test_torchrun_two_processes_runs_the_same_config(tmp_path, method):
     params = {"fisher_samples": 8} if method == "ewc" else {}
     proc = _torchrun(write_config(tmp_path, method=method, params=params))

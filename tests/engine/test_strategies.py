@@ -87,6 +87,9 @@ def _assert_same_run(two_dir, one_dir, one: dict) -> None:
     assert max(v.abs().max() for k, v in moved.items() if "lora_B" in k) > 100 * WEIGHTS_ATOL
 
 
+# make test compares an FSDP run with one process through migu's state as well
+# (test_method_state_equivalence.py, migu-fsdp): weights, method state, losses and predictions.
+@pytest.mark.matrix
 def test_fsdp_on_two_processes_gives_the_one_process_run(tmp_path):
     config = write_config(
         tmp_path, **{**SETTINGS, "train": {**SETTINGS["train"], "fsdp": "full_shard auto_wrap"}}
