@@ -138,6 +138,7 @@ def _sizes(ctx, counts, tasks):
         train_examples=[len(t.train) for t in tasks],
         cutoff_len=ctx.config.train.cutoff_len,
         block_matrices=counts.block_matrices,
+        block_matrix_names=counts.block_matrix_names,
     )
 
 
@@ -178,9 +179,17 @@ def test_a_combination_reports_each_components_state_under_its_name(tmp_path):
 
 @pytest.mark.parametrize("finetuning_type", ["full", "lora"])
 @pytest.mark.parametrize("train_other_params", [False, True])
-def test_cosos_reported_optimizer_state_equals_its_real_one(tmp_path, finetuning_type, train_other_params):
+@pytest.mark.parametrize("target_modules", [[], ["o_proj"]])
+def test_cosos_reported_optimizer_state_equals_its_real_one(
+    tmp_path, finetuning_type, train_other_params, target_modules
+):
     # coso's Adam keeps its moments in the r1 coordinates: the estimate must not count AdamW's 2 per weight.
-    params = {"proj_rank": 4, "sketch_rank": 12, "train_other_params": train_other_params}
+    params = {
+        "proj_rank": 4,
+        "sketch_rank": 12,
+        "train_other_params": train_other_params,
+        "target_modules": target_modules,
+    }
     ctx, tasks = tiny_context(tmp_path, "coso", params, model={"finetuning_type": finetuning_type})
     method = create_method("coso", params)
     method.setup(ctx)
@@ -195,3 +204,8 @@ def test_cosos_reported_optimizer_state_equals_its_real_one(tmp_path, finetuning
     assert real < 2 * counts.trainable or train_other_params  # well under AdamW's share
     line = estimate_memory(ctx.config, Strategy("single"), method, counts, [32]).lines[3]
     assert line.what.startswith("optimizer state (coso") and line.bytes == reported.bytes
+    # the sketch and projector of the task in training: as many as the real targets hold
+    _, sketches = method.state_estimate(_sizes(ctx, counts, tasks))
+    config = method.components[0].config
+    real_sketch = sum(t.dim * (config.sketch_rank + config.proj_rank) for t in method.components[0].targets)
+    assert sketches.numel == real_sketch

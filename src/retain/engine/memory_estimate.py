@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from accelerate import init_empty_weights
@@ -76,11 +76,11 @@ def _meta_model(config: RunConfig) -> nn.Module | None:
 _BLOCK = re.compile(r"\.(layers|h|blocks)\.\d+\.")  # a module inside a numbered transformer block
 
 
-def _block_matrices(model: nn.Module) -> list[tuple[int, int]]:
-    """The shapes of the trainable matrices inside the transformer blocks: the LoRA factors under LoRA,
+def _block_matrices(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The trainable matrices inside the transformer blocks, with their names: the LoRA factors under LoRA,
     the linear weights under full fine-tuning."""
     return [
-        (p.shape[0], p.shape[1])
+        (name, p)
         for name, p in model.named_parameters()
         if p.requires_grad and p.ndim == 2 and _BLOCK.search(f".{name}.")
     ]
@@ -93,6 +93,7 @@ class ParameterCounts:
     hidden_size: int
     layers: int
     block_matrices: list[tuple[int, int]]
+    block_matrix_names: list[str] = field(default_factory=list)  # the parameters' names, in that order
 
 
 def count_parameters(config: RunConfig) -> ParameterCounts | None:
@@ -101,12 +102,14 @@ def count_parameters(config: RunConfig) -> ParameterCounts | None:
     if model is None:
         return None
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    matrices = _block_matrices(model)
     return ParameterCounts(
         total=sum(p.numel() for p in model.parameters()),
         trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
         hidden_size=int(getattr(text, "hidden_size", 0)),
         layers=int(getattr(text, "num_hidden_layers", 0)),
-        block_matrices=_block_matrices(model),
+        block_matrices=[(p.shape[0], p.shape[1]) for _, p in matrices],
+        block_matrix_names=[name for name, _ in matrices],
     )
 
 
@@ -178,6 +181,7 @@ def estimate_memory(
         train_examples=train_examples,
         cutoff_len=config.train.cutoff_len,
         block_matrices=counts.block_matrices,
+        block_matrix_names=counts.block_matrix_names,
     )
     optimizer = method.optimizer_state_estimate(sizes)
     lines = [

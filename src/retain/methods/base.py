@@ -46,6 +46,7 @@ class RunSizes:
     # (rows, columns) of the trainable matrices inside the transformer blocks: LoRA's A and B under LoRA,
     # the linear weights under full fine-tuning
     block_matrices: list[tuple[int, int]] = field(default_factory=list)
+    block_matrix_names: list[str] = field(default_factory=list)  # their parameter names, when known
 
     @property
     def tasks(self) -> int:

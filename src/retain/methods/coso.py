@@ -236,15 +236,23 @@ class CoSO(ContinualMethod):
         self.frozen: list[nn.Parameter] = []
         self.others: list[tuple[str, nn.Parameter]] = []
 
+    def _target_shapes(self, sizes: RunSizes) -> list[tuple[int, int]]:
+        """The block matrices this method projects, by target_modules when the names are known."""
+        if not self.config.target_modules or len(sizes.block_matrix_names) != len(sizes.block_matrices):
+            return sizes.block_matrices
+        targets = self.config.target_modules
+        return [
+            shape
+            for name, shape in zip(sizes.block_matrix_names, sizes.block_matrices, strict=True)
+            if any(f".{t}." in f".{name}." for t in targets)
+        ]
+
     def state_estimate(self, sizes: RunSizes) -> list[StateItem]:
         # At most sketch_rank directions per matrix per finished task, never more than its longer side.
         earlier = max(sizes.tasks - 1, 0)
-        bases = sum(
-            max(m, n) * min(max(m, n), earlier * self.config.sketch_rank) for m, n in sizes.block_matrices
-        )
-        sketches = sum(
-            max(m, n) * (self.config.sketch_rank + self.config.proj_rank) for m, n in sizes.block_matrices
-        )
+        shapes = self._target_shapes(sizes)
+        bases = sum(max(m, n) * min(max(m, n), earlier * self.config.sketch_rank) for m, n in shapes)
+        sketches = sum(max(m, n) * (self.config.sketch_rank + self.config.proj_rank) for m, n in shapes)
         return [
             StateItem("earlier tasks' gradient bases (at most)", bases),
             StateItem("gradient sketch and projector of the task in training", sketches),
@@ -252,9 +260,10 @@ class CoSO(ContinualMethod):
 
     def optimizer_state_estimate(self, sizes: RunSizes) -> StateItem | None:
         # Adam's two moments live in the r1 coordinates: 2 x r1 x (shorter side) per target matrix, against
-        # 2 x m x n for AdamW. Every block matrix is counted (a target_modules subset uses less).
-        moments = sum(2 * min(self.config.proj_rank, m, n) * min(m, n) for m, n in sizes.block_matrices)
-        others = sizes.trainable_params - sum(m * n for m, n in sizes.block_matrices)
+        # 2 x m x n for AdamW; train_other_params adds AdamW's two per weight of the rest.
+        shapes = self._target_shapes(sizes)
+        moments = sum(2 * min(self.config.proj_rank, m, n) * min(m, n) for m, n in shapes)
+        others = sizes.trainable_params - sum(m * n for m, n in shapes)
         if self.config.train_other_params:
             return StateItem(
                 "optimizer state (coso's projected Adam; plain AdamW on the rest)", moments + 2 * others
