@@ -43,6 +43,9 @@ from retain.evaluation.compare import (  # noqa: E402
 KEPT_FILES = ("results.json", "config.yaml")
 # The metrics whose interval comparisons RESULTS.md spells out.
 NOTED_METRICS = ("last", "bwt")
+# Matrices RESULTS.md shows side by side, as (title, left method, right method): whether reinforcement
+# fine-tuning forgets less than supervised fine-tuning on the same stream (Lai et al., 2025).
+SIDE_BY_SIDE = [("RFT next to SFT", "sequential", "rft")]
 
 
 def kept_dir(keep: str, parent: str, run_dir: str) -> str:
@@ -95,6 +98,61 @@ def apart_lines(groups, metric: str) -> list[str]:
             f"({100 * mb.mean:+.1f} [{100 * mb.low:+.1f}, {100 * mb.high:+.1f}])"
         )
     return lines
+
+
+def mean_matrix(runs) -> list[list[float | None]]:
+    """The runs' accuracy matrices averaged cell by cell, in % (None where no run has the cell)."""
+    rows = max(len(run.matrix) for run in runs)
+    out = []
+    for i in range(rows):
+        cells = [run.matrix[i] for run in runs if i < len(run.matrix) and run.matrix[i] is not None]
+        width = max((len(c) for c in cells), default=0)
+        out.append(
+            [
+                100 * sum(c[j] for c in cells) / len(cells)
+                if cells and all(c[j] is not None for c in cells)
+                else None
+                for j in range(width)
+            ]
+        )
+    return out
+
+
+def side_by_side_lines(groups, title: str, left: str, right: str) -> list[str]:
+    """Two methods' mean matrices in one table, row by row (nothing unless both have runs)."""
+    by_method = {g.method: g for g in groups}
+    if left not in by_method or right not in by_method:
+        return []
+    one, two = by_method[left], by_method[right]
+    tasks = one.members[0].task_names
+    left_rows, right_rows = mean_matrix(one.members), mean_matrix(two.members)
+
+    def cells(row) -> str:
+        return " / ".join("-" if v is None else f"{v:.1f}" for v in row)
+
+    lines = [
+        f"## {title}",
+        "",
+        f"Mean accuracy (%) over {one.n} and {two.n} seed(s); row 0 is the model before training, row k "
+        f"after task k. Tasks: {' / '.join(tasks)}.",
+        "",
+        f"| row | {left}: {' / '.join(tasks)} | {right}: {' / '.join(tasks)} |",
+        "| ---: | --- | --- |",
+    ]
+    for i in range(max(len(left_rows), len(right_rows))):
+        a = cells(left_rows[i]) if i < len(left_rows) else ""
+        b = cells(right_rows[i]) if i < len(right_rows) else ""
+        lines.append(f"| {i} | {a} | {b} |")
+
+    def stat(value, sign: str) -> str:
+        if value.mean is None:
+            return "-"
+        return f"{value.mean * 100:{sign}.1f}" + ("" if value.std is None else f" ± {value.std * 100:.1f}")
+
+    for metric in NOTED_METRICS:
+        sign = "+" if metric == "bwt" else ""
+        lines.append(f"| {metric} | {stat(one.metrics[metric], sign)} | {stat(two.metrics[metric], sign)} |")
+    return [*lines, ""]
 
 
 def method_settings(plan) -> list[str]:
@@ -157,10 +215,12 @@ def write_results(path: str, plan, kept: list[str], args) -> str:
         "",
         *[line for metric in NOTED_METRICS for line in apart_lines(complete, metric)],
         "",
+        *[line for spec in SIDE_BY_SIDE for line in side_by_side_lines(groups, *spec)],
         "Wall time is the mean over seeds of each run's recorded model-load, training and evaluation "
         f"seconds, on {where['cpu_count']} CPU cores (torch {where['torch']}), "
         f"{args.parallel} run(s) at a time with {max(1, (where['cpu_count'] or 1) // args.parallel)} "
-        "thread(s) each; it includes contention from other jobs on the machine, so it does not rank methods.",
+        "thread(s) each; it includes contention from other jobs on the machine and the time a run was "
+        "paused (SIGSTOP) while the test suite was timed, so it does not rank methods.",
         *(["", args.note] if args.note else []),
     ]
     checks = first.get("data_checks", {})
