@@ -202,8 +202,13 @@ def test_cosos_reported_optimizer_state_equals_its_real_one(
     reported = method.optimizer_state_estimate(_sizes(ctx, counts, tasks))
     assert reported.numel == real > 0
     assert real < 2 * counts.trainable or train_other_params  # well under AdamW's share
-    line = estimate_memory(ctx.config, Strategy("single"), method, counts, [32]).lines[3]
-    assert line.what.startswith("optimizer state (coso") and line.bytes == reported.bytes
+    lines = estimate_memory(ctx.config, Strategy("single"), method, counts, [32]).lines
+    assert lines[3].what.startswith("optimizer state (coso") and lines[3].bytes == reported.bytes
+    # gradients: only for what coso left trainable (its targets, unless train_other_params)
+    trained = sum(p.numel() for p in ctx.model.parameters() if p.requires_grad)
+    assert lines[2].bytes == 4 * trained
+    if target_modules and not train_other_params:
+        assert trained < counts.trainable  # the rest frozen for the task
     # the sketch and projector of the task in training: as many as the real targets hold
     _, sketches = method.state_estimate(_sizes(ctx, counts, tasks))
     config = method.components[0].config

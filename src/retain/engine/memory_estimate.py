@@ -7,7 +7,8 @@ et al., SC 2020, Fig. 1; PyTorch FSDP, Zhao et al., VLDB 2023):
 - weights: frozen ones in model.dtype, trainable LoRA weights in fp32 (PEFT keeps adapters fp32), full
   fine-tuning's trainable weights in model.dtype; divided over the processes when parameters are sharded
   (FSDP, ZeRO-3);
-- gradients: one per trainable parameter in its dtype; divided when gradients are sharded (FSDP, ZeRO-2/3);
+- gradients: one per trainable parameter in its dtype (per parameter the method leaves trainable, when it
+  freezes some: ContinualMethod.trained_params_estimate); divided when gradients are sharded (FSDP, ZeRO-2/3);
 - optimizer state: AdamW keeps 2 moments per trainable parameter (in its dtype), or what a method that brings
   its own optimizer reports (ContinualMethod.optimizer_state_estimate); divided when the
   optimizer is sharded (FSDP, ZeRO-1/2/3); offload moves it to CPU RAM (FSDP's offload moves weights and
@@ -184,6 +185,8 @@ def estimate_memory(
         block_matrix_names=counts.block_matrix_names,
     )
     optimizer = method.optimizer_state_estimate(sizes)
+    trained = method.trained_params_estimate(sizes)
+    trained = counts.trainable if trained is None else trained
     lines = [
         MemoryLine(
             f"weights ({frozen:,} frozen, {str(weights_dtype(config.model.dtype))[6:]})",
@@ -196,8 +199,10 @@ def estimate_memory(
             not fsdp_offload,
         ),
         MemoryLine(
-            "gradients",
-            shard(counts.trainable * trainable_bytes, strategy.shards_gradients),
+            "gradients"
+            if trained == counts.trainable
+            else f"gradients ({trained:,} parameters the method trains)",
+            shard(trained * trainable_bytes, strategy.shards_gradients),
             not fsdp_offload,
         ),
         MemoryLine(

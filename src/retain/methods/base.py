@@ -233,6 +233,11 @@ class ContinualMethod:
         Sizes only: no weights are loaded. The default is no state (plain fine-tuning)."""
         return []
 
+    def trained_params_estimate(self, sizes: RunSizes) -> int | None:
+        """How many of the trainable parameters this method leaves trainable (they get gradients), for the dry
+        run's estimate; None: all of them (the default)."""
+        return None
+
     def optimizer_state_estimate(self, sizes: RunSizes) -> StateItem | None:
         """The state of the optimizer this method brings (`create_optimizer`), for the dry run's estimate in
         place of `train.optim`'s; None when the Trainer's optimizer is used (the default)."""

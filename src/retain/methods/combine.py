@@ -162,6 +162,10 @@ class Combined(ContinualMethod):
             for item in c.state_estimate(sizes)
         ]
 
+    def trained_params_estimate(self, sizes: RunSizes) -> int | None:
+        counts = [n for c in self.components if (n := c.trained_params_estimate(sizes)) is not None]
+        return min(counts) if counts else None
+
     def optimizer_state_estimate(self, sizes: RunSizes) -> StateItem | None:
         estimates = (c.optimizer_state_estimate(sizes) for c in self.components)
         return next((e for e in estimates if e is not None), None)

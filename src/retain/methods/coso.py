@@ -258,6 +258,12 @@ class CoSO(ContinualMethod):
             StateItem("gradient sketch and projector of the task in training", sketches),
         ]
 
+    def trained_params_estimate(self, sizes: RunSizes) -> int | None:
+        # Without train_other_params everything but the targets is frozen for the task.
+        if self.config.train_other_params:
+            return None
+        return sum(m * n for m, n in self._target_shapes(sizes))
+
     def optimizer_state_estimate(self, sizes: RunSizes) -> StateItem | None:
         # Adam's two moments live in the r1 coordinates: 2 x r1 x (shorter side) per target matrix, against
         # 2 x m x n for AdamW; train_other_params adds AdamW's two per weight of the rest.
