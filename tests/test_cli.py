@@ -12,10 +12,10 @@ import time
 import pytest
 
 from retain import cli
-from retain.config import load_config
+from retain.config import config_from_dict, load_config
 from retain.engine.loop import run_experiment
 
-from .helpers import ENV, RETAIN, assert_same, retain, retain_in_process, write_config
+from .helpers import ENV, RETAIN, assert_same, retain, retain_in_process, tiny_config, write_config
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
@@ -230,9 +230,8 @@ def test_a_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
     }
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    whole = write_config(tmp_path / "a", method="ewc", params={"fisher_samples": 8}, **slow)
-    assert retain("run", whole).returncode == 0
-    expected = json.loads((tmp_path / "a" / "run" / "results.json").read_text())
+    whole = tiny_config(tmp_path / "a", method="ewc", params={"fisher_samples": 8}, **slow)
+    expected = run_experiment(config_from_dict(whole))  # the uninterrupted run, in this process
 
     config = write_config(tmp_path / "b", method="ewc", params={"fisher_samples": 8}, **slow)
     run = tmp_path / "b" / "run"
@@ -247,19 +246,6 @@ def test_a_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
     got = json.loads((run / "results.json").read_text())
     assert_same(got, expected)
     assert predictions(run) == predictions(tmp_path / "a" / "run")
-
-
-def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path):
-    config = write_config(tmp_path, train={"max_steps": 5000}, stream={"train_size": 64})
-    run = tmp_path / "run"
-    first = _start(config)
-    try:
-        _wait_for(lambda: (run / "state.json").exists())
-        second = retain("run", config)
-        assert_user_error(second, "another retain process", str(run))
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
 
 
 def test_resuming_with_other_settings_is_refused(tmp_path, capsys):

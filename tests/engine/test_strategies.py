@@ -257,6 +257,9 @@ def _lockstep_worker(rank: int, world: int, init_file: str, out_dir: str) -> Non
         dist.destroy_process_group()
 
 
+# make test sees lockstep evaluation end to end: migu-fsdp in test_method_state_equivalence.py evaluates
+# under FSDP2 and compares every prediction with one process's.
+@pytest.mark.matrix
 def test_lockstep_evaluation_answers_every_prompt_on_every_process(tmp_path):
     # Under sharded parameters every forward is a collective: each process runs the same batches.
     mp.spawn(_lockstep_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
