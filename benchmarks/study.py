@@ -211,7 +211,9 @@ def write_results(path: str, plan, kept: list[str], args) -> str:
         "## Which differences exceed seed noise",
         "",
         f"Two methods differ beyond seed noise when their 95% intervals over the {len(seeds)} seeds do not "
-        "overlap (a conservative reading: with 3 seeds the t-interval is ±4.3 standard errors wide).",
+        "overlap (a conservative reading: with 3 seeds the t-interval is ±4.3 standard errors wide). No "
+        "correction for the number of pairs is made: across a hundred or more pairs, one or two apart may "
+        "be chance, so read a lone pair as a lead to rerun with more seeds, not as a ranking.",
         "",
         *[line for metric in NOTED_METRICS for line in apart_lines(complete, metric)],
         "",
