@@ -214,3 +214,23 @@ def test_cosos_reported_optimizer_state_equals_its_real_one(
     config = method.components[0].config
     real_sketch = sum(t.dim * (config.sketch_rank + config.proj_rank) for t in method.components[0].targets)
     assert sketches.numel == real_sketch
+
+
+@pytest.mark.parametrize("finetuning_type", ["full", "lora"])
+def test_hfts_gradients_estimate_bounds_what_each_draw_leaves_trainable(tmp_path, finetuning_type):
+    # HFT freezes about half of each layer's linear layers (and, by default, everything outside them): the
+    # gradients line must cover the largest draw but not count what is always frozen.
+    ctx, tasks = tiny_context(tmp_path, "hft", model={"finetuning_type": finetuning_type})
+    counts = count_parameters(ctx.config)
+    method = create_method("hft")
+    estimate = method.trained_params_estimate(_sizes(ctx, counts, tasks))
+    real = []
+    for seed in range(6):  # six draws
+        ctx.config.seed = seed
+        method.training_data(ctx, tasks[0], tasks[0].train)
+        real.append(sum(p.numel() for p in ctx.model.parameters() if p.requires_grad))
+        method.release()
+    assert max(real) <= estimate < counts.trainable
+    assert estimate <= 1.5 * min(real)  # about half, not all
+    line = estimate_memory(ctx.config, Strategy("single"), method, counts, [32]).lines[2]
+    assert line.bytes == 4 * estimate and "at most" in line.what

@@ -201,7 +201,7 @@ def estimate_memory(
         MemoryLine(
             "gradients"
             if trained == counts.trainable
-            else f"gradients ({trained:,} parameters the method trains)",
+            else f"gradients (at most {trained:,} parameters: what the method leaves trainable)",
             shard(trained * trainable_bytes, strategy.shards_gradients),
             not fsdp_offload,
         ),

@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from retain.errors import RetainError
-from retain.methods.base import ContinualMethod, MethodContext
-from retain.methods.common.parameter_groups import Group, layer_groups, other_trainable
+from retain.methods.base import ContinualMethod, MethodContext, RunSizes
+from retain.methods.common.parameter_groups import Group, layer_groups, linear_of, other_trainable
 from retain.methods.registry import register
 
 if TYPE_CHECKING:
@@ -98,6 +98,26 @@ class HFT(ContinualMethod):
         super().__init__(config or HFTConfig())
         self.frozen: list[nn.Parameter] = []  # parameters this method froze for the current task
         self.chosen: dict[int, list[str]] = {}  # task index -> the linear layers frozen for it
+
+    def trained_params_estimate(self, sizes: RunSizes) -> int | None:
+        # At most: every layer keeps n - floor(n (1 - p)) of a block's n groups trainable, and they might
+        # be its largest (the draw decides which; some layers freeze one more).
+        if not sizes.block_matrix_names or len(sizes.block_matrix_names) != len(sizes.block_matrices):
+            return None
+        blocks: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        for name, (m, n) in zip(sizes.block_matrix_names, sizes.block_matrices, strict=True):
+            owner = linear_of(name)
+            if owner is None:
+                return None
+            layer, block, linear = owner
+            blocks[(layer, block)][linear] += m * n
+        trained = 0
+        for sizes_of in blocks.values():
+            kept = len(sizes_of) - math.floor(len(sizes_of) * (1.0 - self.config.trainable_fraction) + 1e-9)
+            trained += sum(sorted(sizes_of.values(), reverse=True)[:kept])
+        if self.config.train_other_params:
+            trained += sizes.trainable_params - sum(m * n for m, n in sizes.block_matrices)
+        return trained
 
     def training_data(self, ctx: MethodContext, task: Task, data: list[Example]) -> list[Example]:
         # Chosen here, once every component of a combination has run its before_task: only then are the

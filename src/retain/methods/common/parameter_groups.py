@@ -47,6 +47,19 @@ def _owner(name: str) -> tuple[str, str] | None:
     return match.group(1), "attention" if _ATTENTION.search(match.group(2)) else "feed_forward"
 
 
+_LORA_FACTOR = re.compile(r"\.lora_[AB]\.[^.]+\.weight$")
+
+
+def linear_of(param_name: str) -> tuple[str, str, str] | None:
+    """(layer, block, linear layer) of a parameter of a block's linear layer (its weight, or a LoRA factor),
+    from the name alone: how the dry run's estimates group the block matrices without a model."""
+    module = _LORA_FACTOR.sub("", param_name)
+    if module == param_name:
+        module = param_name.rsplit(".", 1)[0]
+    owner = _owner(module)
+    return None if owner is None else (*owner, module)
+
+
 def layer_groups(model: nn.Module) -> list[Group]:
     """Every linear layer inside a numbered (decoder) layer that has trainable weights, sorted by name.
 
