@@ -62,7 +62,7 @@ from torch import nn
 
 from retain.errors import RetainError
 from retain.methods.base import ContinualMethod, MethodContext, RunSizes, StateItem
-from retain.methods.common.parameter_groups import layer_groups, linear_of, other_trainable
+from retain.methods.common.parameter_groups import block_linears, layer_groups, other_trainable
 from retain.methods.common.subspaces import FrequentDirections, extend_orthonormal_basis, top_left_directions
 from retain.methods.registry import register
 
@@ -238,16 +238,11 @@ class CoSO(ContinualMethod):
 
     def _target_shapes(self, sizes: RunSizes) -> list[tuple[int, int]]:
         """The block matrices this method projects, by target_modules when the names are known."""
-        if not self.config.target_modules or len(sizes.block_matrix_names) != len(sizes.block_matrices):
+        matrices = block_linears(sizes.block_matrix_names, sizes.block_matrices)
+        if not self.config.target_modules or matrices is None:
             return sizes.block_matrices
-        linears = [linear_of(name) for name in sizes.block_matrix_names]
-        if None in linears:
-            return sizes.block_matrices
-        return [
-            shape
-            for linear, shape in zip(linears, sizes.block_matrices, strict=True)
-            if self._selected(linear[2])  # the rule training_data applies to the same linear layers
-        ]
+        # the rule training_data applies to the same linear layers
+        return [shape for (_, _, linear), shape in matrices if self._selected(linear)]
 
     def state_estimate(self, sizes: RunSizes) -> list[StateItem]:
         # At most sketch_rank directions per matrix per finished task, never more than its longer side.

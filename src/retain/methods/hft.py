@@ -35,7 +35,7 @@ from torch import nn
 
 from retain.errors import RetainError
 from retain.methods.base import ContinualMethod, MethodContext, RunSizes
-from retain.methods.common.parameter_groups import Group, layer_groups, linear_of, other_trainable
+from retain.methods.common.parameter_groups import Group, block_linears, layer_groups, other_trainable
 from retain.methods.registry import register
 
 if TYPE_CHECKING:
@@ -102,14 +102,11 @@ class HFT(ContinualMethod):
     def trained_params_estimate(self, sizes: RunSizes) -> int | None:
         # At most: every layer keeps n - floor(n (1 - p)) of a block's n groups trainable, and they might
         # be its largest (the draw decides which; some layers freeze one more).
-        if not sizes.block_matrix_names or len(sizes.block_matrix_names) != len(sizes.block_matrices):
+        matrices = block_linears(sizes.block_matrix_names, sizes.block_matrices)
+        if matrices is None:
             return None
         blocks: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        for name, (m, n) in zip(sizes.block_matrix_names, sizes.block_matrices, strict=True):
-            owner = linear_of(name)
-            if owner is None:
-                return None
-            layer, block, linear = owner
+        for (layer, block, linear), (m, n) in matrices:
             blocks[(layer, block)][linear] += m * n
         trained = 0
         for sizes_of in blocks.values():

@@ -60,6 +60,19 @@ def linear_of(param_name: str) -> tuple[str, str, str] | None:
     return None if owner is None else (*owner, module)
 
 
+def block_linears(
+    names: list[str], shapes: list[tuple[int, int]]
+) -> list[tuple[tuple[str, str, str], tuple[int, int]]] | None:
+    """Each named block matrix (RunSizes.block_matrix_names, .block_matrices) with its (layer, block, linear
+    layer); None when the names are missing or one is outside a block's linear layers."""
+    if not names or len(names) != len(shapes):
+        return None
+    linears = [linear_of(name) for name in names]
+    if any(linear is None for linear in linears):
+        return None
+    return list(zip(linears, shapes, strict=True))
+
+
 def layer_groups(model: nn.Module) -> list[Group]:
     """Every linear layer inside a numbered (decoder) layer that has trainable weights, sorted by name.
 
