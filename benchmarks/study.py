@@ -155,6 +155,35 @@ def side_by_side_lines(groups, title: str, left: str, right: str) -> list[str]:
     return [*lines, ""]
 
 
+def untimed_preparation_note(kept: list[str]) -> list[str]:
+    """A sentence on the kept runs that predate `prepare_s/<k>` timings (a task's before_task and
+    training_data hooks): their wall time leaves out that work, which is most of rft's and lamol's."""
+    timed, untimed = set(), set()
+    for folder in kept:
+        with open(os.path.join(folder, "results.json"), encoding="utf-8") as handle:
+            results = json.load(handle)
+        timings = results.get("timings") or {}
+        if any(k.startswith("prepare_s/") for k in timings):
+            timed.add(str(results.get("method", "?")))
+        elif any(k.startswith("train_s/") for k in timings):
+            untimed.add(str(results.get("method", "?")))
+    what = (
+        "a task's preparation (the method's before_task and training_data hooks: rollout filters, "
+        "pseudo-sample generation, decompositions, tokenising)"
+    )
+    without = "their wall time counts only the Trainer, after_task and evaluation"
+    if not untimed:
+        return []
+    if not timed:
+        return [f"These runs were recorded before {what} was timed, so {without}."]
+    if len(untimed) <= len(timed):
+        return [f"Runs of {', '.join(sorted(untimed))} were recorded before {what} was timed, so {without}."]
+    return [
+        f"Only the runs of {', '.join(sorted(timed))} count {what} in their wall time; the others were "
+        f"recorded before it was timed, so {without}."
+    ]
+
+
 def method_settings(plan) -> list[str]:
     """`- name: key=value ...` for each method entry of the sweep that sets more than its name."""
     lines = []
@@ -223,6 +252,7 @@ def write_results(path: str, plan, kept: list[str], args) -> str:
         f"{args.parallel} run(s) at a time with {max(1, (where['cpu_count'] or 1) // args.parallel)} "
         "thread(s) each; it includes contention from other jobs on the machine and the time a run was "
         "paused (SIGSTOP) while the test suite was timed, so it does not rank methods.",
+        *untimed_preparation_note(kept),
         *(["", args.note] if args.note else []),
     ]
     checks = first.get("data_checks", {})

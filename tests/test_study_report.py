@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,25 @@ def test_rft_and_sft_matrices_are_averaged_over_seeds_and_shown_row_by_row(study
 def test_nothing_is_shown_until_both_methods_have_runs(study):
     groups = group_runs([_run("sequential", 42, [[0.0, 0.0], [1.0, 0.0], [0.5, 1.0]])])
     assert study.side_by_side_lines(groups, "RFT next to SFT", "sequential", "rft") == []
+
+
+def test_runs_without_preparation_timings_are_named_in_the_wall_time_note(study, tmp_path):
+    old = {"model_load_s": 1.0, "train_s/1": 2.0, "eval_s/1": 1.0}
+    new = {**old, "prepare_s/1": 5.0}
+
+    def kept(*runs):
+        folders = []
+        for i, (method, timings) in enumerate(runs):
+            folder = tmp_path / f"{method}-{i}-{len(runs)}"
+            folder.mkdir(exist_ok=True)
+            (folder / "results.json").write_text(json.dumps({"method": method, "timings": timings}))
+            folders.append(str(folder))
+        return folders
+
+    (note,) = study.untimed_preparation_note(kept(("rft", old), ("coso", new), ("merge", new)))
+    assert note.startswith("Runs of rft were recorded before") and "coso" not in note
+    (note,) = study.untimed_preparation_note(kept(("rft", old), ("lamol", old), ("coso", new)))
+    assert note.startswith("Only the runs of coso count a task's preparation")
+    (note,) = study.untimed_preparation_note(kept(("rft", old)))
+    assert note.startswith("These runs were recorded before")
+    assert study.untimed_preparation_note(kept(("coso", new))) == []

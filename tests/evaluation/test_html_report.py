@@ -81,6 +81,14 @@ def test_page_sections(tmp_path):
     assert [r["id"] for r in data["rows"]] == [0, 1, 2]
 
 
+def test_timings_table_shows_preparation_only_where_the_run_recorded_it(tmp_path):
+    results = make_run(tmp_path / "run")
+    assert "train (s)" in render_report_html(results) and "prepare (s)" not in render_report_html(results)
+    results["timings"] = {"prepare_s/1": 4.25, "train_s/1": 1.5, "eval_s/1": 0.5}
+    page = render_report_html(results)
+    assert "prepare (s)" in page and ">4.25<" in page
+
+
 def test_embedded_json_and_text_cannot_break_the_page(tmp_path):
     results = make_run(tmp_path / "run", prompt=ATTACK)
     results["tasks"] = TASKS  # task names reach labels and options

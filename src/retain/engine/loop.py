@@ -169,11 +169,16 @@ class Experiment:
                 self.run_dir.save_checkpoint(index, self.unit_name(index), self.model, method_state, log)
             self.processes.wait_for_everyone()
 
-    def train_unit(self, index: int) -> tuple[float, list[dict]]:
-        """Train unit `index` (1-based) with the method's hooks; returns seconds and the training log."""
+    def train_unit(self, index: int) -> tuple[dict[str, float], list[dict]]:
+        """Train unit `index` (1-based) with the method's hooks; returns its seconds and the training log.
+
+        The seconds are `prepare_s` (the method's before_task and training_data, where rollout filters,
+        pseudo-sample generation and subspace decompositions run, plus tokenising) and `train_s` (the
+        Trainer and after_task), so a method's cost is counted wherever its rule does the work."""
         unit = self.plan.train_units[index - 1]
         self.ctx.task_index = index
         set_seed(self.config.seed + index)
+        prepare_start = time.perf_counter()
         self.method.before_task(self.ctx, unit)
         data = self.method.training_data(self.ctx, unit, unit.train)
         features = encode_dataset(
@@ -196,6 +201,7 @@ class Experiment:
             progress_label=f"task {index}/{len(self.plan.train_units)} {unit.name}",
         )
         start = time.perf_counter()
+        prepare_seconds = start - prepare_start
         trainer.train()
         self.sharded = is_sharded(self.model)
         # accelerate wraps forward in autocast for mixed precision; evaluation sets its own precision.
@@ -210,7 +216,7 @@ class Experiment:
         if after:
             log.append({"after_task": after})
         self.tracking.trained(index, log)
-        return seconds, log
+        return {"prepare_s": prepare_seconds, "train_s": seconds}, log
 
     def evaluate(self, row: int, general: bool = False) -> list[float]:
         """Row `row` of the matrix (the state after unit `row`); with `general`, that row of the eval-only
@@ -376,7 +382,7 @@ def _train_and_evaluate(
         if index > state.trained:
             experiment.restore(index - 1)
             seconds, log = experiment.train_unit(index)
-            timings[f"train_s/{index}"] = round(seconds, 3)
+            timings.update({f"{part}/{index}": round(value, 3) for part, value in seconds.items()})
             experiment.checkpoint(index, log)
             state.trained = index
             state.strategy = experiment.strategy_record()

@@ -117,7 +117,7 @@ class RunSummary:
         parts = [
             float(v)
             for k, v in timings.items()
-            if k == "model_load_s" or k.startswith(("train_s/", "eval_s/"))
+            if k == "model_load_s" or k.startswith(("prepare_s/", "train_s/", "eval_s/"))
             if isinstance(v, (int, float))
         ]
         folder = run_dir if os.path.isdir(run_dir) else os.path.dirname(path)

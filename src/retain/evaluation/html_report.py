@@ -197,14 +197,18 @@ def _same(a: list | None, b: list | None) -> bool:
 
 
 def _timings_table(timings: dict, tasks: list[str]) -> str:
+    # Runs recorded before preparation was timed apart have no prepare_s: their table has no such column.
+    parts = [("prepare_s", "prepare (s)")] if any(k.startswith("prepare_s/") for k in timings) else []
+    parts += [("train_s", "train (s)"), ("eval_s", "evaluate (s)")]
     per_task = []
     rest = dict(timings)
     for k in range(len(tasks) + 1):
-        train, evaluate = rest.pop(f"train_s/{k}", None), rest.pop(f"eval_s/{k}", None)
-        if train is not None or evaluate is not None:
+        values = [rest.pop(f"{key}/{k}", None) for key, _ in parts]
+        if any(v is not None for v in values):
             label = "before training" if k == 0 else f"{k}: {tasks[k - 1]}"
-            per_task.append((label, "" if train is None else train, "" if evaluate is None else evaluate))
-    html = table(["task", "train (s)", "evaluate (s)"], per_task, numeric=[1, 2]) if per_task else ""
+            per_task.append((label, *("" if v is None else v for v in values)))
+    columns = ["task", *(title for _, title in parts)]
+    html = table(columns, per_task, numeric=list(range(1, len(columns)))) if per_task else ""
     return html + (key_value_table(rest) if rest else "")
 
 
