@@ -381,8 +381,8 @@ def _train_and_evaluate(
     for index in range(1, len(units) + 1):
         if index > state.trained:
             experiment.restore(index - 1)
-            seconds, log = experiment.train_unit(index)
-            timings.update({f"{part}/{index}": round(value, 3) for part, value in seconds.items()})
+            spent, log = experiment.train_unit(index)
+            timings.update({f"{part}/{index}": round(seconds, 3) for part, seconds in spent.items()})
             experiment.checkpoint(index, log)
             state.trained = index
             state.strategy = experiment.strategy_record()
